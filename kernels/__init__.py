@@ -1,0 +1,51 @@
+"""Kernels for the hot path: Triton on CUDA, torch twins elsewhere.
+
+``KVMESH_KERNELS=triton|torch`` overrides the choice. Everything else imports the ops from here,
+so this is the one dispatch point.
+"""
+
+from __future__ import annotations
+
+import os
+
+from kvmesh.kernels import torch_ops
+from kvmesh.kernels.metadata import AttentionMetadata, KVCacheLayer
+
+
+def kernel_backend() -> str:
+    """``"triton"`` or ``"torch"``: the override if set, else Triton only where CUDA is."""
+    forced = os.environ.get("KVMESH_KERNELS", "").strip().lower()
+    if forced in ("triton", "torch"):
+        return forced
+    if forced:
+        raise ValueError(f"KVMESH_KERNELS must be 'triton' or 'torch', got {forced!r}")
+    import torch
+
+    return "triton" if torch.cuda.is_available() else "torch"
+
+
+def _ops():
+    if kernel_backend() == "triton":
+        from kvmesh.kernels import triton_ops
+
+        return triton_ops
+    return torch_ops
+
+
+_BACKEND = _ops()
+rms_norm = _BACKEND.rms_norm
+rotary_embedding = _BACKEND.rotary_embedding
+silu_and_mul = _BACKEND.silu_and_mul
+reshape_and_cache = _BACKEND.reshape_and_cache
+paged_attention = _BACKEND.paged_attention
+
+__all__ = [
+    "AttentionMetadata",
+    "KVCacheLayer",
+    "kernel_backend",
+    "paged_attention",
+    "reshape_and_cache",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+]

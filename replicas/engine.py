@@ -1,0 +1,350 @@
+"""The engine: requests in, a step at a time, outputs out. One process, no Ray."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvmesh.replicas.config import EngineArgs, ModelArchConfig
+from kvmesh.replicas.detokenizer import Detokenizer
+from kvmesh.replicas.kv.events import KVEvent
+from kvmesh.replicas.kv.manager import KVCacheManager
+from kvmesh.replicas.loader import load_model
+from kvmesh.replicas.model_files import resolve_model_dir
+from kvmesh.replicas.model_runner import (
+    ModelRunner,
+    allocate_kv_cache,
+    kv_bytes_per_block,
+    prepare_inputs,
+)
+from kvmesh.replicas.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvmesh.replicas.request import Request
+from kvmesh.replicas.sampler import sample
+from kvmesh.replicas.sampling_params import SamplingParams
+from kvmesh.replicas.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 2 << 30
+Prompt = str | list[int] | dict[str, Any]
+
+
+def pick_device(args: EngineArgs) -> torch.device:
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(args: EngineArgs, cfg: ModelArchConfig, device: torch.device) -> torch.dtype:
+    if args.dtype != "auto":
+        return getattr(torch, args.dtype)
+    if device.type == "cpu":
+        return torch.float32  # bf16 matmuls are 3-9x slower on CPUs without AVX-512 BF16
+    return torch.float16 if cfg.torch_dtype == "float16" else torch.bfloat16
+
+
+def load_tokenizer(path: Path):
+    """The model's tokenizer, or None when the directory has none (prompts as token ids)."""
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs | None = None, **kwargs: Any) -> None:
+        args = args or EngineArgs(**kwargs)
+        self.args = args
+        start = time.perf_counter()
+        self.model_dir = resolve_model_dir(args.model)
+        self.arch = ModelArchConfig.from_dir(self.model_dir)
+        self.model_name = args.served_model_name or (args.model or "SmolLM2-135M-Instruct")
+        self.tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else self.model_dir)
+        self.device = pick_device(args)
+        self.dtype = pick_dtype(args, self.arch, self.device)
+        self.max_model_len = args.max_model_len or self.arch.max_position_embeddings
+        if not args.enable_chunked_prefill and (
+            args.max_num_batched_tokens is not None
+            and args.max_num_batched_tokens < self.max_model_len
+        ):
+            raise ValueError(
+                f"with enable_chunked_prefill=False, max_num_batched_tokens "
+                f"({args.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
+            )
+        torch.manual_seed(args.seed)
+        self.model = load_model(
+            self.model_dir, self.arch, self.dtype, self.device, self.max_model_len
+        )
+        num_blocks = self._num_kv_blocks()
+        kv_caches = allocate_kv_cache(
+            self.arch, num_blocks, args.block_size, self.dtype, args.kv_cache_dtype, self.device
+        )
+        self.kv = KVCacheManager(
+            num_blocks,
+            args.block_size,
+            args.enable_prefix_caching,
+            extra_keys=(self.model_name,),
+            sliding_window=self.arch.sliding_window,
+        )
+        self.runner = ModelRunner(self.model, kv_caches, self.device)
+        self.scheduler = Scheduler(
+            self.kv, args.max_num_seqs, args.max_num_batched_tokens, args.enable_chunked_prefill
+        )
+        self.eos_token_ids = self._eos_ids()
+        self.requests: dict[str, Request] = {}
+        self._detok: dict[str, Detokenizer] = {}
+        self._ids = itertools.count()
+        self._rng = torch.Generator().manual_seed(args.seed)
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+        self.load_seconds = time.perf_counter() - start
+
+    # ---- setup helpers ------------------------------------------------------------------
+    def _num_kv_blocks(self) -> int:
+        args = self.args
+        if args.num_kv_blocks is not None:
+            return args.num_kv_blocks + 1  # + the null block
+        per_block = kv_bytes_per_block(self.arch, args.block_size, self.dtype, args.kv_cache_dtype)
+        budget = args.kv_cache_memory_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info()
+                budget = int(free * 0.85)
+            else:
+                # No more than every sequence at full length could use.
+                cap = args.max_num_seqs * self.max_model_len // args.block_size + 1
+                budget = min(DEFAULT_CPU_KV_BYTES, cap * per_block)
+        num = budget // per_block
+        if num < 2:
+            raise ValueError(
+                f"kv_cache_memory_bytes={budget} holds fewer than 2 blocks of {per_block} bytes"
+            )
+        return int(num)
+
+    def _eos_ids(self) -> list[int]:
+        ids = set(self.arch.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+    # ---- requests -----------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    "this model directory has no tokenizer: pass {'prompt_token_ids': [...]}"
+                )
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, list):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {prompt!r}")
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template: use generate() with a prompt")
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request; return its effective max_tokens. Raises ValueError on bad input."""
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.arch.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: token id {bad} is outside [0, {vocab})")
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {n} tokens; the model's context (max_model_len) is "
+                f"{self.max_model_len}, so prompts may have at most {self.max_model_len - 1}"
+            )
+        max_tokens = self.max_model_len - n
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        capacity = self.kv.capacity_tokens
+        if n + max_tokens > capacity:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the whole KV cache "
+                f"({capacity} tokens): lower max_tokens or raise num_kv_blocks / "
+                f"kv_cache_memory_bytes"
+            )
+        if params.stop_token_ids and any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        return max_tokens
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        if prompt_token_ids is None:
+            text, token_ids = self.tokenize(prompt)
+        else:
+            text, token_ids = (prompt if isinstance(prompt, str) else None), prompt_token_ids
+        max_tokens = self.validate(token_ids, params)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(
+            torch.randint(0, 2**62, (1,), generator=self._rng)
+        )
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        req = Request(request_id, token_ids, params, max_tokens, prompt=text, generator=gen)
+        self.requests[request_id] = req
+        if self.tokenizer is not None:
+            self._detok[request_id] = Detokenizer(
+                self.tokenizer.backend_tokenizer,
+                token_ids,
+                params.stop_strings,
+                params.skip_special_tokens,
+                params.include_stop_str_in_output,
+            )
+        self.scheduler.add(req)
+        self.num_prompt_tokens += len(token_ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (or None)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        req.finish_reason = "abort"
+        self.scheduler.finish(req)
+        return self._finish(req, [], None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        self.num_steps += 1
+        inputs = prepare_inputs(
+            sched.scheduled,
+            [self.kv.block_ids(r) for r, _ in sched.scheduled],
+            self.args.block_size,
+            self.device,
+        )
+        logits = self.runner.execute(inputs)
+        for req, n in sched.scheduled:
+            req.num_computed_tokens += n
+            self.kv.cache_full_blocks(req)
+        outputs = []
+        if inputs.sampling_requests:
+            tokens, logprobs = sample(logits, inputs.sampling_requests, self.eos_token_ids)
+            now = time.monotonic()
+            for req, token, lp in zip(inputs.sampling_requests, tokens, logprobs, strict=True):
+                outputs.append(self._append_token(req, token, lp, now))
+        for req, _ in sched.scheduled:
+            if not req.finished:
+                self.kv.free_outside_window(req)
+        return outputs
+
+    def _append_token(
+        self, req: Request, token: int, lp: dict[int, float] | None, now: float
+    ) -> RequestOutput:
+        req.token_ids.append(token)
+        self.num_generated_tokens += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.token_times.append(now)
+        if lp is not None:
+            req.logprobs.append(lp)
+        p = req.params
+        stop_str = None
+        detok = self._detok.get(req.request_id)
+        if detok is not None:
+            stop_str = detok.add_token(token)
+        if not p.ignore_eos and token in self.eos_token_ids and req.num_output_tokens > p.min_tokens - 1:
+            req.finish_reason = "stop"
+        elif p.stop_token_ids and token in p.stop_token_ids:
+            req.finish_reason, req.stop_reason = "stop", token
+        elif stop_str is not None:
+            req.finish_reason, req.stop_reason = "stop", stop_str
+        elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            req.finish_reason = "length"
+        if req.finish_reason is not None:
+            self.scheduler.finish(req)
+            return self._finish(req, [token], lp)
+        return self._output(req, [token], lp)
+
+    def _finish(self, req: Request, new_tokens: list[int], lp) -> RequestOutput:
+        out = self._output(req, new_tokens, lp)
+        self.requests.pop(req.request_id, None)
+        self._detok.pop(req.request_id, None)
+        return out
+
+    def _output(self, req: Request, new_tokens: list[int], lp) -> RequestOutput:
+        finished = req.finish_reason is not None
+        detok = self._detok.get(req.request_id)
+        text = detok.text if detok else ""
+        delta = detok.delta(finished) if detok else ""
+        completion = CompletionOutput(
+            index=0,
+            text=text,
+            token_ids=list(req.output_token_ids),
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+        )
+        metrics = RequestMetrics(
+            arrival_time=req.arrival_time,
+            first_token_time=req.first_token_time,
+            finished_time=time.monotonic() if finished else None,
+            token_times=list(req.token_times) if finished else [],
+        )
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[completion],
+            finished=finished,
+            metrics=metrics,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            delta_text=delta,
+            delta_token_ids=new_tokens,
+            delta_logprobs=[lp] if lp is not None else None,
+        )
+
+    # ---- introspection ------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {
+            "kv_blocks_total": self.kv.num_blocks_total,
+            "kv_blocks_free": self.kv.num_blocks_free,
+            "kv_cache_usage": self.kv.usage,
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "prefix_cache_queries": self.kv.prefix_cache_queries,
+            "prefix_cache_hits": self.kv.prefix_cache_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_steps": self.num_steps,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generation_tokens": self.num_generated_tokens,
+        }
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        return self.kv.drain_events()

@@ -1,0 +1,90 @@
+"""The offline API: ``LLM(...).generate(prompts, params)``, as vLLM users know it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from kvmesh.replicas.config import EngineArgs
+from kvmesh.replicas.engine import LLMEngine, Prompt
+from kvmesh.replicas.outputs import RequestOutput
+from kvmesh.replicas.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        args = EngineArgs(model=model, **kwargs)
+        if args.tensor_parallel_size > 1:
+            from kvmesh.replicas.tp.engine import TPEngine  # needs Ray
+
+            self.engine = TPEngine(args)
+        else:
+            self.engine = LLMEngine(args)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the prompts' order."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        params = self._params_list(sampling_params, len(prompts))
+        # Validate everything first so a bad prompt leaves nothing half-submitted.
+        tokenized = [self.engine.tokenize(p) for p in prompts]
+        for (_, ids), sp in zip(tokenized, params, strict=True):
+            self.engine.validate(ids, sp)
+        return self._run(
+            [(text, ids) for text, ids in tokenized], params
+        )
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        params = self._params_list(sampling_params, len(conversations))
+        tokenized = [(None, self.engine.apply_chat_template(c)) for c in conversations]
+        for (_, ids), sp in zip(tokenized, params, strict=True):
+            self.engine.validate(ids, sp)
+        return self._run(tokenized, params)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    @staticmethod
+    def _params_list(sp, n: int) -> list[SamplingParams]:
+        if sp is None:
+            return [SamplingParams()] * n
+        if isinstance(sp, SamplingParams):
+            return [sp] * n
+        if len(sp) != n:
+            raise ValueError(f"got {len(sp)} sampling_params for {n} prompts")
+        return list(sp)
+
+    def _run(self, tokenized, params) -> list[RequestOutput]:
+        ids = []
+        for (text, token_ids), sp in zip(tokenized, params, strict=True):
+            ids.append(self.engine.add_request(text, sp, prompt_token_ids=token_ids))
+        done: dict[str, RequestOutput] = {}
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                if not self.engine.has_unfinished_requests() and len(done) < len(ids):
+                    raise RuntimeError("engine went idle with requests unfinished")
+        except BaseException:
+            for rid in ids:
+                if rid not in done:
+                    self.engine.abort_request(rid)
+            raise
+        return [done[i] for i in ids]

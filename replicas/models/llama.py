@@ -1,0 +1,196 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over the paged KV cache.
+
+One class serves the three architectures: they differ only in config (QKV bias for Qwen2,
+sliding window for Mistral). Q/K/V and gate/up projections are fused into one matrix each, so
+a layer runs four matmuls instead of seven.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from kvmesh import kernels
+from kvmesh.kernels import AttentionMetadata, KVCacheLayer
+from kvmesh.replicas.config import ModelArchConfig
+from kvmesh.replicas.models.rope import build_cos_sin_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelArchConfig, cos_sin_cache: torch.Tensor) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.sliding_window = cfg.sliding_window
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.cos_sin_cache = cos_sin_cache
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        cache: KVCacheLayer,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        kernels.rotary_embedding(positions, q, k, self.cos_sin_cache)
+        kernels.reshape_and_cache(k, v, cache, meta.slot_mapping)
+        out = kernels.paged_attention(q, cache, meta, self.scale, self.sliding_window)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelArchConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelArchConfig, cos_sin_cache: torch.Tensor) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, cos_sin_cache)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, positions, x, residual, cache, meta):
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Also serves ``MistralForCausalLM`` and ``Qwen2ForCausalLM``."""
+
+    def __init__(self, cfg: ModelArchConfig, max_positions: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.max_positions = max(max_positions, cfg.max_position_embeddings)
+        self.cos_sin_cache = torch.empty(0)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, self.cos_sin_cache) for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def init_rope(self, device: torch.device) -> None:
+        """Build the RoPE table (float32 whatever the model dtype), shared by every layer."""
+        cfg = self.cfg
+        table = build_cos_sin_cache(
+            cfg.head_dim,
+            self.max_positions,
+            cfg.rope_theta,
+            cfg.rope_scaling,
+            (cfg.rope_scaling or {}).get(
+                "original_max_position_embeddings", cfg.max_position_embeddings
+            ),
+        ).to(device)
+        self.cos_sin_cache = table
+        for layer in self.layers:
+            layer.self_attn.cos_sin_cache = table
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCacheLayer],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            x, residual = layer(positions, x, residual, cache, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    # ---- weights -------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors, fusing q/k/v and gate/up as they arrive."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        cfg = self.cfg
+        q, kv, inter = (
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+            cfg.intermediate_size,
+        )
+        fused = {
+            "q_proj": ("qkv_proj", 0, q),
+            "k_proj": ("qkv_proj", q, kv),
+            "v_proj": ("qkv_proj", q + kv, kv),
+            "gate_proj": ("gate_up_proj", 0, inter),
+            "up_proj": ("gate_up_proj", inter, inter),
+        }
+        for name, tensor in weights:
+            if name.startswith("model."):
+                name = name[len("model.") :]
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding is the head
+            target, offset, size = name, 0, None
+            for part, (fused_name, off, sz) in fused.items():
+                if f".{part}." in name:
+                    target, offset, size = name.replace(part, fused_name), off, sz
+                    break
+            if target not in params:
+                raise ValueError(f"unexpected weight {name!r} for {cfg.architecture}")
+            param = params[target]
+            with torch.no_grad():
+                if size is None:
+                    if param.shape != tensor.shape:
+                        raise ValueError(
+                            f"weight {name!r} has shape {tuple(tensor.shape)}, "
+                            f"expected {tuple(param.shape)}"
+                        )
+                    param.copy_(tensor)
+                else:
+                    param.narrow(0, offset, size).copy_(tensor)
+            loaded.add(f"{target}:{offset}")
+        expected = sum(
+            3 if n.endswith("qkv_proj.weight") or n.endswith("qkv_proj.bias") else
+            2 if n.endswith("gate_up_proj.weight") else 1
+            for n in params
+        )
+        if len(loaded) != expected:
+            raise ValueError(
+                f"checkpoint is missing weights: loaded {len(loaded)} of {expected} tensors"
+            )

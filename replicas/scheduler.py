@@ -1,0 +1,122 @@
+"""Continuous batching: which requests run in the next step, and how many tokens each.
+
+Every step spends a token budget. Running requests go first (their decodes, or the next chunk
+of a long prompt), in admission order; waiting requests are then admitted first-come,
+first-served while the budget, ``max_num_seqs`` and the KV pool allow. When the pool runs dry,
+the most recently admitted request is preempted by recompute: its blocks are freed and it goes
+back to the front of the queue with its output so far, to be re-prefilled (often from the
+prefix cache) and continue where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvmesh.replicas.kv.manager import KVCacheManager
+from kvmesh.replicas.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int | None,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.token_budget = max_num_batched_tokens
+        self.chunked = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.token_budget if self.token_budget is not None else 1 << 62
+
+        # 1. Running requests: decodes and continuing prefill chunks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = req.num_tokens - req.num_computed_tokens
+            num_new = min(num_new, budget)
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append((req, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # req itself was preempted: nothing after it can fit either
+
+        # 2. Admit waiting requests, first come first served (none if we just preempted).
+        while (
+            not out.preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+        ):
+            req = self.waiting[0]
+            hits = self.kv.find_cached_prefix(req)
+            num_hit = len(hits) * self.kv.block_size
+            num_new = req.num_tokens - num_hit
+            if num_new > budget:
+                if not self.chunked:
+                    break
+                num_new = budget
+            if not self.kv.allocate_slots(req, num_new, hits):
+                break
+            self.waiting.popleft()
+            self.kv.record_query(req, num_hit)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = min(num_hit, req.num_prompt_tokens)
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append((req, num_new))
+            budget -= num_new
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request) -> None:
+        """Retire ``req`` (finished or aborted) wherever it is, and free its blocks."""
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status == RequestStatus.WAITING:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        self.kv.free(req)
