@@ -1,0 +1,167 @@
+"""Offline throughput on SmolLM2 (float32): kvmesh vs transformers vs vLLM's CPU build.
+
+    .venv/bin/python bench/offline_throughput.py [--vllm-python /path/to/vllm-venv/bin/python]
+
+64 requests, prompts U[32, 512] tokens, outputs U[32, 256] tokens forced with ignore_eos,
+greedy. Every engine runs in its own subprocess on the same workload, one after the other, so
+they never share the two cores. Prints one JSON document with each engine's tokens/s and the
+ratios against kvmesh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from workloads import random_requests  # noqa: E402
+
+
+def workload(args):
+    return random_requests(args.num_requests, (32, 512), (32, 256), seed=args.seed)
+
+
+def run_kvmesh(args) -> dict:
+    from kvmesh import LLM, SamplingParams
+    from kvmesh.replicas.model_files import resolve_model_dir
+
+    reqs = workload(args)
+    t0 = time.perf_counter()
+    llm = LLM(str(resolve_model_dir(None)), max_num_seqs=args.num_requests)
+    load_s = time.perf_counter() - t0
+    start = time.perf_counter()
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p, _ in reqs],
+        [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in reqs],
+    )
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"elapsed_s": elapsed, "output_tokens": out_tokens, "load_s": load_s,
+            "steps": llm.stats()["num_steps"]}
+
+
+def run_hf(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvmesh.replicas.model_files import resolve_model_dir
+
+    torch.set_num_threads(2)
+    reqs = workload(args)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(None), dtype=torch.float32)
+    model.eval().generation_config.eos_token_id = None
+    start = time.perf_counter()
+    out_tokens = 0
+    bs = args.hf_batch
+    for i in range(0, len(reqs), bs):
+        batch = reqs[i : i + bs]
+        width = max(len(p) for p, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, (p, _) in enumerate(batch):  # left padding
+            ids[j, width - len(p) :] = torch.tensor(p)
+            mask[j, width - len(p) :] = 1
+        with torch.no_grad():
+            model.generate(
+                ids, attention_mask=mask, max_new_tokens=max(n for _, n in batch),
+                do_sample=False, pad_token_id=0,
+            )
+        out_tokens += sum(n for _, n in batch)  # each request's own tokens only
+    return {"elapsed_s": time.perf_counter() - start, "output_tokens": out_tokens,
+            "batch_size": bs}
+
+
+VLLM_SCRIPT = r"""
+import json, sys, time
+sys.path.insert(0, {bench!r})
+from workloads import random_requests
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+reqs = random_requests({n}, (32, 512), (32, 256), seed={seed})
+llm = LLM(model={model!r}, dtype="float32", enable_prefix_caching=False, seed=0)
+start = time.perf_counter()
+outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in reqs],
+                    [SamplingParams(max_tokens=k, ignore_eos=True, temperature=0) for _, k in reqs])
+elapsed = time.perf_counter() - start
+print("RESULT " + json.dumps({{"elapsed_s": elapsed,
+      "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}}))
+"""
+
+
+def run_vllm(args, bind_both_cores: bool) -> dict:
+    from kvmesh.replicas.model_files import resolve_model_dir
+
+    scratch = Path(args.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVMESH")}
+    for var in ("XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT",
+                "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TMPDIR", "VLLM_RPC_BASE_PATH"):
+        env[var] = str(scratch / var.lower())
+        Path(env[var]).mkdir(exist_ok=True)
+    env.update(VLLM_NO_USAGE_STATS="1", VLLM_CPU_KVCACHE_SPACE="2")
+    if bind_both_cores:
+        env.update(VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_OMP_THREADS_BIND="0-1")
+    code = VLLM_SCRIPT.format(bench=str(Path(__file__).parent), n=args.num_requests,
+                              seed=args.seed, model=str(resolve_model_dir(None)))
+    proc = subprocess.run([args.vllm_python, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:]) | {"both_cores_bound": bind_both_cores}
+    return {"error": (proc.stderr or proc.stdout)[-2000:], "both_cores_bound": bind_both_cores}
+
+
+def summarize(name: str, r: dict, total_prompt: int) -> dict:
+    if "error" in r:
+        return {"engine": name, **r}
+    total = total_prompt + r["output_tokens"]
+    return {"engine": name, **r, "output_tok_s": r["output_tokens"] / r["elapsed_s"],
+            "total_tok_s": total / r["elapsed_s"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hf-batch", type=int, default=16)
+    ap.add_argument("--engines", default="kvmesh,hf,vllm,vllm-bound")
+    ap.add_argument("--vllm-python", default="/work/peers/vllm-venv/bin/python")
+    ap.add_argument("--scratch", default="/tmp/kvmesh-bench-vllm")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        result = {"kvmesh": run_kvmesh, "hf": run_hf}[args.worker](args)
+        print("RESULT " + json.dumps(result))
+        return
+    total_prompt = sum(len(p) for p, _ in workload(args))
+    results = []
+    for name in args.engines.split(","):
+        if name.startswith("vllm"):
+            r = run_vllm(args, bind_both_cores=name == "vllm-bound")
+        else:
+            cmd = [sys.executable, __file__, "--worker", name, "--num-requests",
+                   str(args.num_requests), "--seed", str(args.seed), "--hf-batch",
+                   str(args.hf_batch)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            r = json.loads(line[7:]) if line else {"error": proc.stderr[-2000:]}
+        results.append(summarize(name, r, total_prompt))
+        print(json.dumps(results[-1]), file=sys.stderr)
+    ours = next((r for r in results if r["engine"] == "kvmesh" and "total_tok_s" in r), None)
+    if ours:
+        for r in results:
+            if "total_tok_s" in r:
+                r["kvmesh_speedup_total"] = ours["total_tok_s"] / r["total_tok_s"]
+                r["kvmesh_speedup_output"] = ours["output_tok_s"] / r["output_tok_s"]
+        ours["fraction_of_550_tok_s_ceiling"] = ours["total_tok_s"] / 550
+    print(json.dumps({"workload": {"num_requests": args.num_requests, "prompt_tokens":
+                      total_prompt, "seed": args.seed}, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
