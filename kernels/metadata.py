@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,6 +26,8 @@ class AttentionMetadata:
     # The same facts as Python lists, so CPU code can plan without device syncs.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Scratch space for a backend to plan once per step and reuse across layers.
+    plan: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:

@@ -28,6 +28,9 @@ def rms_norm(
     return weight * h.to(x.dtype), x
 
 
+_ROPE_MEMO: dict[str, tuple] = {}
+
+
 def rotary_embedding(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> None:
@@ -36,7 +39,13 @@ def rotary_embedding(
     ``cos_sin_cache[pos]`` holds ``cos`` in its first ``D/2`` entries and ``sin`` in the rest.
     """
     half = cos_sin_cache.shape[1] // 2
-    cs = cos_sin_cache[positions]
+    # Every layer rotates the same positions: look the rows up once per step.
+    memo = _ROPE_MEMO.get("last")
+    if memo is not None and memo[0] is positions and memo[1] is cos_sin_cache:
+        cs = memo[2]
+    else:
+        cs = cos_sin_cache.index_select(0, positions)
+        _ROPE_MEMO["last"] = (positions, cos_sin_cache, cs)
     cos = cs[:, None, :half].to(q.dtype)
     sin = cs[:, None, half:].to(q.dtype)
     for x in (q, k):
@@ -79,29 +88,105 @@ def reshape_and_cache(
     if cache.quantized:
         kq, ks = quantize_per_head(key, cache.k.dtype)
         vq, vs = quantize_per_head(value, cache.v.dtype)
-        k_flat[slot_mapping] = kq
-        v_flat[slot_mapping] = vq
-        cache.k_scale.view(-1, num_heads)[slot_mapping] = ks
-        cache.v_scale.view(-1, num_heads)[slot_mapping] = vs
+        # index_copy_ has no float8 kernel on CPU: copy the bytes.
+        k_flat.view(torch.uint8).index_copy_(0, slot_mapping, kq.view(torch.uint8))
+        v_flat.view(torch.uint8).index_copy_(0, slot_mapping, vq.view(torch.uint8))
+        cache.k_scale.view(-1, num_heads).index_copy_(0, slot_mapping, ks)
+        cache.v_scale.view(-1, num_heads).index_copy_(0, slot_mapping, vs)
     else:
-        k_flat[slot_mapping] = key.to(cache.k.dtype)
-        v_flat[slot_mapping] = value.to(cache.v.dtype)
+        k_flat.index_copy_(0, slot_mapping, key.to(cache.k.dtype))
+        v_flat.index_copy_(0, slot_mapping, value.to(cache.v.dtype))
+
+
+DECODE_GROUP = 16
+"""Decodes are attended in groups of this many sequences of similar length: padding stays
+small and each group's gathered K/V fits in cache-friendly, reusable allocations."""
 
 
 def _gather_kv(
-    cache: KVCacheLayer, block_tables: torch.Tensor, dtype: torch.dtype
+    cache: KVCacheLayer, block_ids: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K/V of ``block_tables [B, NB]`` as ``[B, NB * block_size, KVH, D]`` in ``dtype``."""
-    b, nb = block_tables.shape
-    k = cache.k[block_tables]
-    v = cache.v[block_tables]
+    """K/V of ``block_ids [B, NB]`` as ``[B, NB * block_size, KVH, D]`` in ``dtype``."""
+    b, nb = block_ids.shape
+    flat = block_ids.reshape(-1)
+    k = cache.k.index_select(0, flat)
+    v = cache.v.index_select(0, flat)
     if cache.quantized:
-        k = k.to(dtype) * cache.k_scale[block_tables][..., None].to(dtype)
-        v = v.to(dtype) * cache.v_scale[block_tables][..., None].to(dtype)
+        k = k.to(dtype) * cache.k_scale.index_select(0, flat)[..., None].to(dtype)
+        v = v.to(dtype) * cache.v_scale.index_select(0, flat)[..., None].to(dtype)
     else:
         k, v = k.to(dtype), v.to(dtype)
     bs, kvh, d = cache.k.shape[1:]
     return k.reshape(b, nb * bs, kvh, d), v.reshape(b, nb * bs, kvh, d)
+
+
+def _plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> dict:
+    """Index tensors and masks for this step, built once and shared by every layer."""
+    if "torch" in meta.plan:
+        return meta.plan["torch"]
+    qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu
+    starts = _cumsum(qlens)
+    decodes = sorted((i for i, n in enumerate(qlens) if n == 1), key=lambda i: slens[i])
+    groups = []
+    for g in range(0, len(decodes), DECODE_GROUP):
+        ids = decodes[g : g + DECODE_GROUP]
+        nb = -(-max(slens[i] for i in ids) // block_size)
+        idx = torch.tensor(ids, device=device)
+        groups.append(
+            {
+                "tokens": torch.tensor([starts[i] for i in ids], device=device),
+                "blocks": meta.block_tables[idx, :nb],
+                "lens": meta.seq_lens[idx].to(torch.long),
+                "nb": nb,
+            }
+        )
+    prefills = []
+    for i, n in enumerate(qlens):
+        if n > 1:
+            ctx = slens[i]
+            qpos = torch.arange(ctx - n, ctx, device=device)[:, None]
+            kpos = torch.arange(ctx, device=device)[None, :]
+            prefills.append(
+                {
+                    "start": starts[i],
+                    "n": n,
+                    "ctx": ctx,
+                    "blocks": meta.block_tables[i : i + 1, : -(-ctx // block_size)],
+                    "qpos": qpos,
+                    "kpos": kpos,
+                }
+            )
+    native = None
+    if decodes:
+        idx = torch.tensor(decodes, device=device)
+        native = {
+            "tokens": torch.tensor([starts[i] for i in decodes], device=device),
+            "tables": meta.block_tables[idx].contiguous(),
+            "lens": meta.seq_lens[idx].contiguous(),
+        }
+    plan = {"groups": groups, "prefills": prefills, "native": native}
+    meta.plan["torch"] = plan
+    return plan
+
+
+def _decode_group(q, cache, group, scale, sliding_window, out) -> None:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = cache.k.shape[2]
+    tok, lens = group["tokens"], group["lens"]
+    k, v = _gather_kv(cache, group["blocks"], q.dtype)
+    pos = torch.arange(k.shape[1], device=q.device)
+    allowed = pos[None, :] < lens[:, None]
+    if sliding_window is not None:
+        allowed &= pos[None, :] >= (lens[:, None] - sliding_window)
+    o = F.scaled_dot_product_attention(
+        q[tok].unsqueeze(2),  # [B, H, 1, D]
+        k.transpose(1, 2),  # [B, KVH, L, D]
+        v.transpose(1, 2),
+        attn_mask=allowed[:, None, None, :],
+        scale=scale,
+        enable_gqa=num_heads != num_kv_heads,
+    )
+    out[tok] = o.reshape(len(tok), num_heads, head_dim)
 
 
 def paged_attention(
@@ -115,55 +200,54 @@ def paged_attention(
 
     Each sequence's new tokens attend to its cached prefix plus themselves, causally (and only
     to the last ``sliding_window`` positions when set). The new tokens' K/V must already be in
-    the cache. Decodes (one query token) are batched into one padded matmul; prefill chunks
-    run one sequence at a time through SDPA.
+    the cache. Decodes (one query token) run in length-sorted groups through SDPA, or through
+    the C++ kernel of ``cpu_native`` when every row is a float32 decode on the CPU; prefill
+    chunks run one sequence at a time through SDPA with a bottom-right-aligned causal mask.
     """
     out = torch.empty_like(q)
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads, block_size = cache.k.shape[2], cache.k.shape[1]
-    group = num_heads // num_kv_heads
-    starts = meta.query_start_loc.tolist() if q.is_cuda else None
-    qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu
-    decode_ids = [i for i, n in enumerate(qlens) if n == 1]
-    token_starts = starts or _cumsum(qlens)
-
-    if decode_ids:
-        idx = torch.tensor(decode_ids, device=q.device)
-        tok = torch.tensor([token_starts[i] for i in decode_ids], device=q.device)
-        lens = meta.seq_lens[idx].to(torch.long)
-        max_len = max(slens[i] for i in decode_ids)
-        nb = -(-max_len // block_size)
-        k, v = _gather_kv(cache, meta.block_tables[idx, :nb], q.dtype)
-        qd = q[tok].view(len(decode_ids), num_kv_heads, group, head_dim)
-        # scores [B, KVH, G, L]
-        scores = torch.matmul(qd, k.permute(0, 2, 3, 1)) * scale
-        pos = torch.arange(k.shape[1], device=q.device)
-        masked = pos[None, :] >= lens[:, None]
-        if sliding_window is not None:
-            masked |= pos[None, :] < (lens[:, None] - sliding_window)
-        scores.masked_fill_(masked[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        od = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, KVH, G, D]
-        out[tok] = od.reshape(len(decode_ids), num_heads, head_dim)
-
-    for i, n in enumerate(qlens):
-        if n == 1:
-            continue
-        start, ctx = token_starts[i], slens[i]
-        nb = -(-ctx // block_size)
-        k, v = _gather_kv(cache, meta.block_tables[i : i + 1, :nb], q.dtype)
+    block_size = cache.k.shape[1]
+    plan = _plan(meta, block_size, q.device)
+    native = _native_decode(q, cache) if plan["native"] is not None else None
+    if native is not None:
+        rows = plan["native"]
+        tok = rows["tokens"]
+        q_rows = q[tok]
+        o = torch.empty_like(q_rows)
+        native.paged_decode(
+            o, q_rows, cache.k, cache.v, rows["tables"], rows["lens"], scale, sliding_window or 0
+        )
+        out[tok] = o
+    else:
+        for group in plan["groups"]:
+            _decode_group(q, cache, group, scale, sliding_window, out)
+    for p in plan["prefills"]:
+        start, n, ctx = p["start"], p["n"], p["ctx"]
+        k, v = _gather_kv(cache, p["blocks"], q.dtype)
         k, v = k[0, :ctx].transpose(0, 1), v[0, :ctx].transpose(0, 1)  # [KVH, ctx, D]
-        qi = q[start : start + n].transpose(0, 1)  # [H, n, D]
-        qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
-        kpos = torch.arange(ctx, device=q.device)[None, :]
-        allowed = kpos <= qpos
+        allowed = p["kpos"] <= p["qpos"]
         if sliding_window is not None:
-            allowed &= kpos > qpos - sliding_window
+            allowed &= p["kpos"] > p["qpos"] - sliding_window
         oi = F.scaled_dot_product_attention(
-            qi, k, v, attn_mask=allowed, scale=scale, enable_gqa=group > 1
+            q[start : start + n].transpose(0, 1),  # [H, n, D]
+            k,
+            v,
+            attn_mask=allowed,
+            scale=scale,
+            enable_gqa=q.shape[1] != k.shape[0],
         )
         out[start : start + n] = oi.transpose(0, 1)
     return out
+
+
+def _native_decode(q: torch.Tensor, cache: KVCacheLayer):
+    """The C++ decode kernel for float32 CPU caches (None elsewhere or if it cannot build)."""
+    if q.device.type != "cpu" or cache.quantized or not (
+        q.dtype == cache.k.dtype == torch.float32 and cache.k.is_contiguous()
+    ):
+        return None
+    from kvmesh.kernels.cpu_native import native_ops
+
+    return native_ops()
 
 
 def _cumsum(lens: list[int]) -> list[int]:
