@@ -241,8 +241,10 @@ def paged_attention(
 
 def _native_decode(q: torch.Tensor, cache: KVCacheLayer):
     """The C++ decode kernel for float32 CPU caches (None elsewhere or if it cannot build)."""
-    if q.device.type != "cpu" or cache.quantized or not (
-        q.dtype == cache.k.dtype == torch.float32 and cache.k.is_contiguous()
+    if (
+        q.device.type != "cpu"
+        or cache.quantized
+        or not (q.dtype == cache.k.dtype == torch.float32 and cache.k.is_contiguous())
     ):
         return None
     from kvmesh.kernels.cpu_native import native_ops
