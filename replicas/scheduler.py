@@ -30,6 +30,11 @@ class SchedulerOutput:
         return bool(self.scheduled)
 
 
+MAX_DEFERRED = 64
+"""At most this many waiting requests are held back per step for blocks in flight, so one
+step never scans an unbounded queue."""
+
+
 class Scheduler:
     def __init__(
         self,
@@ -77,14 +82,20 @@ class Scheduler:
             break  # req itself was preempted: nothing after it can fit either
 
         # 2. Admit waiting requests, first come first served (none if we just preempted).
-        while (
-            not out.preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.max_num_seqs
-        ):
+        if out.preempted:
+            return out
+        pending = self._blocks_in_flight()
+        deferred: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             hits = self.kv.find_cached_prefix(req)
+            if pending and len(deferred) < MAX_DEFERRED and self._next_block_pending(
+                req, len(hits), pending
+            ):
+                # Its next block is being computed right now for another request: wait one
+                # step and hit it in the cache instead of computing it twice.
+                deferred.append(self.waiting.popleft())
+                continue
             num_hit = len(hits) * self.kv.block_size
             num_new = req.num_tokens - num_hit
             if num_new > budget:
@@ -102,7 +113,30 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append((req, num_new))
             budget -= num_new
+            if pending is not None:
+                pending.update(self._uncomputed_prompt_blocks(req))
+        # Deferred requests keep their place at the head of the queue.
+        self.waiting.extendleft(reversed(deferred))
         return out
+
+    def _uncomputed_prompt_blocks(self, req: Request) -> list[bytes]:
+        hashes = req.full_block_hashes(self.kv.block_size, self.kv.extra_keys)
+        return hashes[req.num_computed_tokens // self.kv.block_size :]
+
+    def _blocks_in_flight(self) -> set[bytes] | None:
+        """Hashes of prompt blocks that running requests have yet to finish computing."""
+        if not self.kv.enable_prefix_caching:
+            return None
+        pending: set[bytes] = set()
+        for req in self.running:
+            if req.num_computed_tokens < req.num_prompt_tokens:
+                pending.update(self._uncomputed_prompt_blocks(req))
+        return pending
+
+    def _next_block_pending(self, req: Request, num_hits: int, pending: set[bytes]) -> bool:
+        hashes = req.full_block_hashes(self.kv.block_size, self.kv.extra_keys)
+        usable = (req.num_tokens - 1) // self.kv.block_size
+        return num_hits < usable and hashes[num_hits] in pending
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

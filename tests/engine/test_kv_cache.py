@@ -201,3 +201,17 @@ def test_smollm2_identical_with_caching_chunking_and_preemption(smollm2_dir, smo
     stats = tight.stats()
     assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_same_prefix_submitted_together_is_computed_once(make_tiny_model):
+    """Requests whose prefix another request is computing right now wait a step and hit it."""
+    path = make_tiny_model("llama", num_key_value_heads=2)
+    prefix = random_prompts(11, [64])[0]
+    prompts = [prefix + s for s in random_prompts(12, [8] * 6)]
+    llm = LLM(str(path), block_size=8, max_num_batched_tokens=256)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
+    # Ideal: every request after the first hits all 8 prefix blocks.
+    assert [o.num_cached_tokens for o in outs] == [0] + [64] * 5
+    alone = LLM(str(path), block_size=8, enable_prefix_caching=False)
+    expected = alone.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
