@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workloads import random_requests  # noqa: E402
+from workloads import random_requests
 
 
 def workload(args):
@@ -41,8 +41,12 @@ def run_kvmesh(args) -> dict:
     )
     elapsed = time.perf_counter() - start
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"elapsed_s": elapsed, "output_tokens": out_tokens, "load_s": load_s,
-            "steps": llm.stats()["num_steps"]}
+    return {
+        "elapsed_s": elapsed,
+        "output_tokens": out_tokens,
+        "load_s": load_s,
+        "steps": llm.stats()["num_steps"],
+    }
 
 
 def run_hf(args) -> dict:
@@ -68,12 +72,14 @@ def run_hf(args) -> dict:
             mask[j, width - len(p) :] = 1
         with torch.no_grad():
             model.generate(
-                ids, attention_mask=mask, max_new_tokens=max(n for _, n in batch),
-                do_sample=False, pad_token_id=0,
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max(n for _, n in batch),
+                do_sample=False,
+                pad_token_id=0,
             )
         out_tokens += sum(n for _, n in batch)  # each request's own tokens only
-    return {"elapsed_s": time.perf_counter() - start, "output_tokens": out_tokens,
-            "batch_size": bs}
+    return {"elapsed_s": time.perf_counter() - start, "output_tokens": out_tokens, "batch_size": bs}
 
 
 VLLM_SCRIPT = r"""
@@ -99,17 +105,29 @@ def run_vllm(args, bind_both_cores: bool) -> dict:
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVMESH")}
-    for var in ("XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT",
-                "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TMPDIR", "VLLM_RPC_BASE_PATH"):
+    for var in (
+        "XDG_CACHE_HOME",
+        "VLLM_CACHE_ROOT",
+        "VLLM_CONFIG_ROOT",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "TRITON_CACHE_DIR",
+        "TMPDIR",
+        "VLLM_RPC_BASE_PATH",
+    ):
         env[var] = str(scratch / var.lower())
         Path(env[var]).mkdir(exist_ok=True)
     env.update(VLLM_NO_USAGE_STATS="1", VLLM_CPU_KVCACHE_SPACE="2")
     if bind_both_cores:
         env.update(VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_OMP_THREADS_BIND="0-1")
-    code = VLLM_SCRIPT.format(bench=str(Path(__file__).parent), n=args.num_requests,
-                              seed=args.seed, model=str(resolve_model_dir(None)))
-    proc = subprocess.run([args.vllm_python, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=1800)
+    code = VLLM_SCRIPT.format(
+        bench=str(Path(__file__).parent),
+        n=args.num_requests,
+        seed=args.seed,
+        model=str(resolve_model_dir(None)),
+    )
+    proc = subprocess.run(
+        [args.vllm_python, "-c", code], env=env, capture_output=True, text=True, timeout=1800
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:]) | {"both_cores_bound": bind_both_cores}
@@ -120,8 +138,12 @@ def summarize(name: str, r: dict, total_prompt: int) -> dict:
     if "error" in r:
         return {"engine": name, **r}
     total = total_prompt + r["output_tokens"]
-    return {"engine": name, **r, "output_tok_s": r["output_tokens"] / r["elapsed_s"],
-            "total_tok_s": total / r["elapsed_s"]}
+    return {
+        "engine": name,
+        **r,
+        "output_tok_s": r["output_tokens"] / r["elapsed_s"],
+        "total_tok_s": total / r["elapsed_s"],
+    }
 
 
 def main() -> None:
@@ -144,9 +166,18 @@ def main() -> None:
         if name.startswith("vllm"):
             r = run_vllm(args, bind_both_cores=name == "vllm-bound")
         else:
-            cmd = [sys.executable, __file__, "--worker", name, "--num-requests",
-                   str(args.num_requests), "--seed", str(args.seed), "--hf-batch",
-                   str(args.hf_batch)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                name,
+                "--num-requests",
+                str(args.num_requests),
+                "--seed",
+                str(args.seed),
+                "--hf-batch",
+                str(args.hf_batch),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             r = json.loads(line[7:]) if line else {"error": proc.stderr[-2000:]}
@@ -159,8 +190,19 @@ def main() -> None:
                 r["kvmesh_speedup_total"] = ours["total_tok_s"] / r["total_tok_s"]
                 r["kvmesh_speedup_output"] = ours["output_tok_s"] / r["output_tok_s"]
         ours["fraction_of_550_tok_s_ceiling"] = ours["total_tok_s"] / 550
-    print(json.dumps({"workload": {"num_requests": args.num_requests, "prompt_tokens":
-                      total_prompt, "seed": args.seed}, "results": results}, indent=2))
+    print(
+        json.dumps(
+            {
+                "workload": {
+                    "num_requests": args.num_requests,
+                    "prompt_tokens": total_prompt,
+                    "seed": args.seed,
+                },
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ def random_requests(
     out = []
     for _ in range(n):
         plen = rng.randint(*prompt_range)
-        out.append(([rng.randrange(LOW_ID, HIGH_ID) for _ in range(plen)], rng.randint(*output_range)))
+        out.append(
+            ([rng.randrange(LOW_ID, HIGH_ID) for _ in range(plen)], rng.randint(*output_range))
+        )
     return out
 
 
