@@ -25,6 +25,15 @@ from kvmesh.replicas.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+def build_engine(args: EngineArgs) -> LLMEngine:
+    """One process for ``tensor_parallel_size == 1``; Ray workers (``TPEngine``) above that."""
+    if args.tensor_parallel_size > 1:
+        from kvmesh.replicas.tp.engine import TPEngine
+
+        return TPEngine(args)
+    return LLMEngine(args)
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop stopped; the replica must be replaced."""
 
@@ -55,7 +64,7 @@ class AsyncLLM:
         engine: LLMEngine | None = None,
         **kwargs: Any,
     ) -> None:
-        self.engine = engine or LLMEngine(args or EngineArgs(**kwargs))
+        self.engine = engine or build_engine(args or EngineArgs(**kwargs))
         self.max_pending_requests = max_pending_requests
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -150,6 +159,7 @@ class AsyncLLM:
             raise EngineDeadError(f"engine loop died: {self._error!r}") from self._error
         if not self._thread.is_alive():
             raise EngineDeadError("engine loop is not running")
+        self.engine.check_health()  # tensor-parallel workers alive and answering
 
     async def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop admitting, let in-flight requests finish (up to ``timeout_s``), then stop."""

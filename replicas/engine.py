@@ -78,13 +78,7 @@ class LLMEngine:
                 f"({args.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
             )
         torch.manual_seed(args.seed)
-        self.model = load_model(
-            self.model_dir, self.arch, self.dtype, self.device, self.max_model_len
-        )
-        num_blocks = self._num_kv_blocks()
-        kv_caches = allocate_kv_cache(
-            self.arch, num_blocks, args.block_size, self.dtype, args.kv_cache_dtype, self.device
-        )
+        self.runner, num_blocks = self._build_runner()
         self.kv = KVCacheManager(
             num_blocks,
             args.block_size,
@@ -92,7 +86,6 @@ class LLMEngine:
             extra_keys=(self.model_name,),
             sliding_window=self.arch.sliding_window,
         )
-        self.runner = ModelRunner(self.model, kv_caches, self.device)
         self.scheduler = Scheduler(
             self.kv, args.max_num_seqs, args.max_num_batched_tokens, args.enable_chunked_prefill
         )
@@ -107,11 +100,29 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - start
 
     # ---- setup helpers ------------------------------------------------------------------
-    def _num_kv_blocks(self) -> int:
+    def _build_runner(self) -> tuple[ModelRunner, int]:
+        """Load the model and its KV cache in this process; returns (runner, num_blocks).
+
+        ``TPEngine`` overrides this to spread the model and cache over tensor-parallel ranks.
+        """
+        args = self.args
+        self.model = load_model(
+            self.model_dir, self.arch, self.dtype, self.device, self.max_model_len
+        )
+        num_blocks = self._num_kv_blocks()
+        kv_caches = allocate_kv_cache(
+            self.arch, num_blocks, args.block_size, self.dtype, args.kv_cache_dtype, self.device
+        )
+        return ModelRunner(self.model, kv_caches, self.device), num_blocks
+
+    def _num_kv_blocks(self, num_kv_heads: int | None = None) -> int:
+        """Blocks in the pool; ``num_kv_heads`` is this process's share (tensor parallel)."""
         args = self.args
         if args.num_kv_blocks is not None:
             return args.num_kv_blocks + 1  # + the null block
-        per_block = kv_bytes_per_block(self.arch, args.block_size, self.dtype, args.kv_cache_dtype)
+        per_block = kv_bytes_per_block(
+            self.arch, args.block_size, self.dtype, args.kv_cache_dtype, num_kv_heads
+        )
         budget = args.kv_cache_memory_bytes
         if budget is None:
             if self.device.type == "cuda":
@@ -205,8 +216,10 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        seed = params.seed if params.seed is not None else int(
-            torch.randint(0, 2**62, (1,), generator=self._rng)
+        seed = (
+            params.seed
+            if params.seed is not None
+            else int(torch.randint(0, 2**62, (1,), generator=self._rng))
         )
         gen = None
         if not params.greedy:
@@ -279,7 +292,11 @@ class LLMEngine:
         detok = self._detok.get(req.request_id)
         if detok is not None:
             stop_str = detok.add_token(token)
-        if not p.ignore_eos and token in self.eos_token_ids and req.num_output_tokens > p.min_tokens - 1:
+        if (
+            not p.ignore_eos
+            and token in self.eos_token_ids
+            and req.num_output_tokens > p.min_tokens - 1
+        ):
             req.finish_reason = "stop"
         elif p.stop_token_ids and token in p.stop_token_ids:
             req.finish_reason, req.stop_reason = "stop", token
@@ -348,3 +365,10 @@ class LLMEngine:
 
     def drain_kv_events(self) -> list[KVEvent]:
         return self.kv.drain_events()
+
+    # ---- lifecycle (no-ops here; TPEngine has workers to watch and stop) -----------------
+    def check_health(self) -> None:
+        """Raise if the engine can no longer serve; a single-process engine always can."""
+
+    def shutdown(self) -> None:
+        """Release what the engine holds beyond its own memory (nothing, in one process)."""

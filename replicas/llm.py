@@ -13,13 +13,9 @@ from kvmesh.replicas.sampling_params import SamplingParams
 
 class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        args = EngineArgs(model=model, **kwargs)
-        if args.tensor_parallel_size > 1:
-            from kvmesh.replicas.tp.engine import TPEngine  # needs Ray
+        from kvmesh.replicas.async_engine import build_engine
 
-            self.engine = TPEngine(args)
-        else:
-            self.engine = LLMEngine(args)
+        self.engine: LLMEngine = build_engine(EngineArgs(model=model, **kwargs))
 
     @property
     def tokenizer(self):
@@ -40,9 +36,7 @@ class LLM:
         tokenized = [self.engine.tokenize(p) for p in prompts]
         for (_, ids), sp in zip(tokenized, params, strict=True):
             self.engine.validate(ids, sp)
-        return self._run(
-            [(text, ids) for text, ids in tokenized], params
-        )
+        return self._run([(text, ids) for text, ids in tokenized], params)
 
     def chat(
         self,
@@ -59,6 +53,10 @@ class LLM:
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
+
+    def shutdown(self) -> None:
+        """Release tensor-parallel workers now (they also go when the LLM is collected)."""
+        self.engine.shutdown()
 
     @staticmethod
     def _params_list(sp, n: int) -> list[SamplingParams]:

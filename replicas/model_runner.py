@@ -15,15 +15,22 @@ KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 def kv_bytes_per_block(
-    cfg: ModelArchConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str
+    cfg: ModelArchConfig,
+    block_size: int,
+    dtype: torch.dtype,
+    kv_cache_dtype: str,
+    num_kv_heads: int | None = None,
 ) -> int:
-    """Bytes one block takes across all layers (K and V, plus scales when quantised)."""
+    """Bytes one block takes across all layers (K and V, plus scales when quantised).
+
+    ``num_kv_heads``: the heads this process holds (a tensor-parallel rank's share)."""
     per_token_head = cfg.head_dim
     if kv_cache_dtype == "auto":
         elem = torch.empty(0, dtype=dtype).element_size() * per_token_head
     else:
         elem = 1 * per_token_head + 4  # one byte per value + a float32 scale per head
-    return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * elem
+    heads = num_kv_heads or cfg.num_key_value_heads
+    return cfg.num_hidden_layers * 2 * block_size * heads * elem
 
 
 def allocate_kv_cache(
@@ -92,7 +99,9 @@ def prepare_inputs(
         else:
             pos = np.arange(start, end)
             positions.extend(pos.tolist())
-            slots.extend((np.asarray(ids)[pos // block_size] * block_size + pos % block_size).tolist())
+            slots.extend(
+                (np.asarray(ids)[pos // block_size] * block_size + pos % block_size).tolist()
+            )
         qlens.append(n)
         slens.append(end)
         if end == req.num_tokens:  # this chunk reaches the last token: sample the next one

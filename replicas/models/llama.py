@@ -3,6 +3,10 @@
 One class serves the three architectures: they differ only in config (QKV bias for Qwen2,
 sliding window for Mistral). Q/K/V and gate/up projections are fused into one matrix each, so
 a layer runs four matmuls instead of seven.
+
+With ``tp`` (a ``TPShard``) the model is one rank's shard of a tensor-parallel replica: the
+same modules at this rank's sizes, plus the all-reduces and logits gather of
+``replicas/tp/layers.py``. Without it nothing here communicates.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from kvmesh import kernels
 from kvmesh.kernels import AttentionMetadata, KVCacheLayer
 from kvmesh.replicas.config import ModelArchConfig
 from kvmesh.replicas.models.rope import build_cos_sin_cache
+from kvmesh.replicas.tp.layers import TPShard, row_parallel_linear, vocab_embedding
 
 
 class RMSNorm(nn.Module):
@@ -31,10 +36,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, cos_sin_cache: torch.Tensor) -> None:
+    def __init__(
+        self, cfg: ModelArchConfig, cos_sin_cache: torch.Tensor, tp: TPShard | None = None
+    ) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.num_heads = cfg.num_attention_heads if tp is None else tp.num_heads
+        self.num_kv_heads = cfg.num_key_value_heads if tp is None else tp.num_kv_heads
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -43,7 +50,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = row_parallel_linear(self.q_size, cfg.hidden_size, tp)
         self.cos_sin_cache = cos_sin_cache
 
     def forward(
@@ -65,22 +72,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelArchConfig) -> None:
+    def __init__(self, cfg: ModelArchConfig, tp: TPShard | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = cfg.intermediate_size if tp is None else tp.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.down_proj = row_parallel_linear(inter, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, cos_sin_cache: torch.Tensor) -> None:
+    def __init__(
+        self, cfg: ModelArchConfig, cos_sin_cache: torch.Tensor, tp: TPShard | None = None
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, cos_sin_cache)
+        self.self_attn = Attention(cfg, cos_sin_cache, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, positions, x, residual, cache, meta):
         h, residual = self.input_layernorm(x, residual)
@@ -92,20 +102,22 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Also serves ``MistralForCausalLM`` and ``Qwen2ForCausalLM``."""
 
-    def __init__(self, cfg: ModelArchConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelArchConfig, max_positions: int, tp: TPShard | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tp = tp
         self.max_positions = max(max_positions, cfg.max_position_embeddings)
         self.cos_sin_cache = torch.empty(0)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = vocab_embedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, self.cos_sin_cache) for _ in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, self.cos_sin_cache, tp) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            vocab = cfg.vocab_size if tp is None else tp.vocab_per_rank
+            self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
 
     def init_rope(self, device: torch.device) -> None:
         """Build the RoPE table (float32 whatever the model dtype), shared by every layer."""
@@ -139,19 +151,22 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        logits = torch.nn.functional.linear(hidden, weight)
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits)  # rank 0 samples; others get [0, V]
+        return logits.float()
 
     # ---- weights -------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors, fusing q/k/v and gate/up as they arrive."""
+        """Load HF-named tensors, fusing q/k/v and gate/up as they arrive.
+
+        With ``tp`` the tensors are already this rank's slices (``TPShard.weight_slice``).
+        """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         cfg = self.cfg
-        q, kv, inter = (
-            cfg.num_attention_heads * cfg.head_dim,
-            cfg.num_key_value_heads * cfg.head_dim,
-            cfg.intermediate_size,
-        )
+        attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
+        q, kv, inter = attn.q_size, attn.kv_size, mlp.down_proj.in_features
         fused = {
             "q_proj": ("qkv_proj", 0, q),
             "k_proj": ("qkv_proj", q, kv),
@@ -176,18 +191,32 @@ class LlamaForCausalLM(nn.Module):
             param = params[target]
             with torch.no_grad():
                 if size is None:
-                    if param.shape != tensor.shape:
+                    # A TP rank's vocabulary slice may be shorter than its padded parameter.
+                    padded = (
+                        self.tp is not None
+                        and target in ("embed_tokens.weight", "lm_head.weight")
+                        and param.shape[1:] == tensor.shape[1:]
+                        and tensor.shape[0] < param.shape[0]
+                    )
+                    if param.shape != tensor.shape and not padded:
                         raise ValueError(
                             f"weight {name!r} has shape {tuple(tensor.shape)}, "
                             f"expected {tuple(param.shape)}"
                         )
-                    param.copy_(tensor)
+                    if padded:
+                        param[: tensor.shape[0]].copy_(tensor)
+                        param[tensor.shape[0] :].zero_()
+                    else:
+                        param.copy_(tensor)
                 else:
                     param.narrow(0, offset, size).copy_(tensor)
             loaded.add(f"{target}:{offset}")
         expected = sum(
-            3 if n.endswith("qkv_proj.weight") or n.endswith("qkv_proj.bias") else
-            2 if n.endswith("gate_up_proj.weight") else 1
+            3
+            if n.endswith("qkv_proj.weight") or n.endswith("qkv_proj.bias")
+            else 2
+            if n.endswith("gate_up_proj.weight")
+            else 1
             for n in params
         )
         if len(loaded) != expected:
