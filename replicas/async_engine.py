@@ -8,6 +8,7 @@ the loop early (client disconnect, cancellation) aborts the request and frees it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -181,10 +182,9 @@ class AsyncLLM:
             if done:
                 self._streams.pop(request_id, None)
         if stream is not None:
-            try:
+            # RuntimeError: the caller's loop is closed; nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-            except RuntimeError:  # the caller's loop is closed; nobody is listening
-                pass
 
     def _drain_inbox(self) -> None:
         while True:
@@ -221,7 +221,7 @@ class AsyncLLM:
                     self._stats = self.engine.stats()
                     self._wake.wait(0.05)
                     self._wake.clear()
-        except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear of it
+        except BaseException as exc:
             log.exception("engine loop died")
             self._error = exc
             err = EngineDeadError(f"engine loop died: {exc!r}")

@@ -68,9 +68,8 @@ class ModelArchConfig(BaseModel):
         archs = raw.get("architectures") or []
         arch = archs[0] if archs else f"<none: model_type={raw.get('model_type')!r}>"
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+            supported = ", ".join(SUPPORTED_ARCHITECTURES)
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {supported}")
         heads = raw["num_attention_heads"]
         # transformers 5 keeps theta and scaling together in `rope_parameters`; older configs
         # have `rope_theta` and `rope_scaling` at top level.

@@ -89,8 +89,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             hits = self.kv.find_cached_prefix(req)
-            if pending and len(deferred) < MAX_DEFERRED and self._next_block_pending(
-                req, len(hits), pending
+            if (
+                pending
+                and len(deferred) < MAX_DEFERRED
+                and self._next_block_pending(req, len(hits), pending)
             ):
                 # Its next block is being computed right now for another request: wait one
                 # step and hit it in the cache instead of computing it twice.

@@ -84,7 +84,9 @@ class BlockPool:
                     # Nothing to keep: reuse it before any cached block.
                     self._free.move_to_end(block.block_id, last=False)
 
-    def cache(self, block: KVBlock, block_hash: BlockHash, parent: BlockHash | None, n: int) -> None:
+    def cache(
+        self, block: KVBlock, block_hash: BlockHash, parent: BlockHash | None, n: int
+    ) -> None:
         """Make a just-computed full block addressable by its hash."""
         if not self.enable_caching or block.block_hash is not None:
             return

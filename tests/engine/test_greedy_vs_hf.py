@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from kvmesh_testing import hf_greedy, random_prompts
+
 from kvmesh import LLM, SamplingParams
 from kvmesh.replicas.engine import LLMEngine
-from kvmesh_testing import hf_greedy, random_prompts
 
 MAX_NEW = 20
 LENGTHS = [3, 16, 37, 90]

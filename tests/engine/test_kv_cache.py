@@ -177,9 +177,11 @@ def test_sliding_window_matches_transformers_and_frees_blocks(make_tiny_model):
         for out in engine.step():
             if out.finished:
                 done[int(out.request_id)] = out.outputs[0].token_ids
-        peak_blocks = max(peak_blocks, len(engine.kv.req_blocks.get("0", [])) and sum(
-            b.block_id != 0 for b in engine.kv.req_blocks.get("0", [])
-        ))
+        peak_blocks = max(
+            peak_blocks,
+            len(engine.kv.req_blocks.get("0", []))
+            and sum(b.block_id != 0 for b in engine.kv.req_blocks.get("0", [])),
+        )
     assert [done[0], done[1]] == expected
     # Request 0 reaches 54 tokens = 14 blocks, but a 12-token window needs at most 5 live.
     assert 0 < peak_blocks <= 5
@@ -193,9 +195,7 @@ def test_smollm2_identical_with_caching_chunking_and_preemption(smollm2_dir, smo
     prompts.append("Count: one, two, three,")
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in smol_llm.generate(prompts, params)]
-    tight = LLM(
-        str(smollm2_dir), block_size=8, num_kv_blocks=16, max_num_batched_tokens=7
-    )
+    tight = LLM(str(smollm2_dir), block_size=8, num_kv_blocks=16, max_num_batched_tokens=7)
     got = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
     assert got == expected
     stats = tight.stats()

@@ -50,7 +50,9 @@ op = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(ops=st.lists(op, min_size=1, max_size=40), seed=st.integers(0, 1000))
 def test_random_workloads_keep_the_books(engine, ops, seed):
     start = engine.kv.cached_block_hashes()

@@ -1,0 +1,334 @@
+"""One model replica as a Ray Serve deployment: ``AsyncLLM`` behind a streaming handle method.
+
+``LLMServer`` is a plain class (constructible without Ray for tests); ``cluster/app.py`` wraps
+its subclass ``LLMReplica`` with ``serve.deployment``. Serve calls the hooks defined here by name:
+
+- ``generate`` streams ``ReplicaChunk`` s for one ``ReplicaRequest``. Serve cancels the
+  generator when the caller goes away; leaving ``AsyncLLM.generate`` early aborts the request,
+  which frees its KV blocks.
+- ``check_health`` raises once the engine loop is dead, so Serve replaces the replica.
+- ``record_routing_stats`` publishes load (and, once the router lands, cache contents) for the
+  request router; ``record_autoscaling_stats`` publishes the load figures for autoscaling.
+- ``__del__`` runs after Serve has drained ongoing requests (bounded by the deployment's
+  ``graceful_shutdown_timeout_s``): the engine stops admitting and finishes what is left.
+
+A background task pushes engine stats and Prometheus text to the app's stats hub, which the
+ingress reads for ``/metrics`` and ``/debug/replicas``; the same task drains the engine's
+KV-cache events (they would otherwise pile up) and feeds the router's cache reporter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvmesh.replicas.async_engine import AsyncLLM, EngineDeadError, EngineOverloadedError
+from kvmesh.replicas.config import EngineArgs
+from kvmesh.replicas.outputs import RequestOutput
+from kvmesh.replicas.replica_metrics import ReplicaMetrics
+from kvmesh.replicas.wire import ReplicaChunk, ReplicaError, ReplicaRequest
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaOptions(BaseModel):
+    """Replica behaviour that is not an engine argument."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_pending_requests: int | None = Field(
+        default=256, ge=1, description="Requests admitted to the engine at once; more get 429."
+    )
+    torch_threads: int | None = Field(default=None, ge=1)
+    stats_push_period_s: float = Field(default=0.5, gt=0)
+    shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    report_cache: bool = Field(
+        default=False,
+        description="Report KV-cache contents for kvmesh's prefix-aware router.",
+    )
+    debug_hooks: bool = Field(
+        default=False, description="Test-only: honour ReplicaRequest.debug_crash_after."
+    )
+
+
+def _replica_name(model_name: str) -> str:
+    """Serve's replica id when running under Serve; a random one otherwise (tests)."""
+    try:
+        from ray import serve
+
+        return f"{model_name}#{serve.get_replica_context().replica_id.unique_id}"
+    except Exception:  # outside a replica there is no context
+        return f"{model_name}#local-{uuid.uuid4().hex[:8]}"
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a daemon thread. Unlike ``asyncio.to_thread`` nothing joins it later, so a
+    call stuck on an engine that died mid-call cannot hold up the event loop's shutdown."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def run() -> None:
+        try:
+            result: tuple[bool, Any] = (True, fn())
+        except BaseException as exc:  # handed to the awaiting coroutine
+            result = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, *result)
+
+    threading.Thread(target=run, name="kvmesh-drain", daemon=True).start()
+    return await future
+
+
+class LLMServer:
+    def __init__(
+        self,
+        engine_args: dict[str, Any],
+        model_name: str,
+        options: dict[str, Any] | None = None,
+        stats_hub: Any | None = None,
+    ) -> None:
+        self.options = ReplicaOptions.model_validate(options or {})
+        if self.options.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.options.torch_threads)
+        # The served name is also the block-hash extra key: the ingress hashes with it too.
+        args = EngineArgs.model_validate({**engine_args, "served_model_name": model_name})
+        self.model_name = model_name
+        self.engine = AsyncLLM(args, max_pending_requests=self.options.max_pending_requests)
+        self.replica = _replica_name(model_name)
+        self.metrics = ReplicaMetrics(model_name, self.replica)
+        self._hub = stats_hub
+        self._closing = False
+        self._pusher: asyncio.Task | None = None
+        # Wall clock minus monotonic, to report engine (monotonic) times as wall-clock times.
+        self._clock_offset = time.time() - time.monotonic()
+        self._cache_reporter = self._make_cache_reporter()
+        with contextlib.suppress(RuntimeError):  # no running loop outside Serve: start lazily
+            asyncio.get_running_loop()
+            self._ensure_pusher()
+        log.info(
+            "replica %s ready (engine load %.1fs)", self.replica, self.engine.engine.load_seconds
+        )
+
+    # ---- the request path -----------------------------------------------------------------
+    async def generate(self, req: ReplicaRequest) -> AsyncIterator[ReplicaChunk]:
+        """Stream one request: an ``admitted`` (or error) chunk, then token chunks."""
+        t_received = time.time()
+        self._ensure_pusher()
+        if self._closing:
+            yield self._error("shutting_down", "the replica is shutting down")
+            return
+        if self._cache_reporter is not None:
+            self._cache_reporter.on_request(req)
+        params = req.params
+        if params.max_tokens is None:
+            # "As many as fit": bounded by the context and by the whole KV cache.
+            eng = self.engine.engine
+            room = min(eng.max_model_len, eng.kv.capacity_tokens) - len(req.prompt_token_ids)
+            params.max_tokens = max(room, 1)
+        stream = self.engine.generate(
+            req.prompt, params, request_id=req.request_id, prompt_token_ids=req.prompt_token_ids
+        )
+        # The first step runs validation and admission synchronously, then waits for a token:
+        # one loop tick tells whether the engine took the request.
+        first = asyncio.ensure_future(anext(stream))
+        t_enqueued = time.time()
+        await asyncio.sleep(0)
+        if first.done() and first.exception() is not None:
+            yield self._error_for(first.exception())
+            return
+        try:
+            yield ReplicaChunk(
+                replica=self.replica,
+                admitted=True,
+                num_prompt_tokens=len(req.prompt_token_ids),
+                t_received=t_received,
+                t_enqueued=t_enqueued,
+                t_emit=t_enqueued,
+            )
+            sent = 0
+            out = await first
+            while True:
+                yield self._chunk(out)
+                sent += 1
+                if out.finished:
+                    self.metrics.observe_finished(out)
+                    return
+                self._maybe_crash(req, sent)
+                out = await anext(stream)
+        except (ValueError, EngineOverloadedError, EngineDeadError) as exc:
+            yield self._error_for(exc)
+        finally:
+            if not first.done():
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+            await stream.aclose()  # aborts the request (frees its blocks) unless it finished
+
+    def _chunk(self, out: RequestOutput) -> ReplicaChunk:
+        completion = out.outputs[0]
+        return ReplicaChunk(
+            replica=self.replica,
+            delta_text=out.delta_text,
+            delta_token_ids=list(out.delta_token_ids),
+            delta_logprobs=out.delta_logprobs,
+            finish_reason=completion.finish_reason,
+            num_prompt_tokens=len(out.prompt_token_ids),
+            num_cached_tokens=out.num_cached_tokens,
+            num_output_tokens=len(completion.token_ids),
+            t_emit=time.time(),
+        )
+
+    def _error(self, kind: str, message: str) -> ReplicaChunk:
+        return ReplicaChunk(replica=self.replica, error=ReplicaError(kind, message))  # type: ignore[arg-type]
+
+    def _error_for(self, exc: BaseException) -> ReplicaChunk:
+        if isinstance(exc, ValueError):
+            return self._error("bad_request", str(exc))
+        if isinstance(exc, EngineOverloadedError):
+            kind = "shutting_down" if self._closing else "overloaded"
+            return self._error(kind, str(exc))
+        if isinstance(exc, EngineDeadError):
+            return self._error("engine_dead", str(exc))
+        return self._error("internal", f"{type(exc).__name__}: {exc}")
+
+    def _maybe_crash(self, req: ReplicaRequest, sent: int) -> None:
+        if (
+            self.options.debug_hooks
+            and req.debug_crash_after is not None
+            and sent >= req.debug_crash_after
+        ):
+            log.warning("debug hook: replica %s exits mid-stream", self.replica)
+            os._exit(17)
+
+    # ---- Serve hooks ----------------------------------------------------------------------
+    async def check_health(self) -> None:
+        """Raise when the engine loop has died: Serve then replaces this replica."""
+        self._ensure_pusher()
+        self.engine.check_health()
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Load for the request router, plus the cache contents it matches prefixes against."""
+        return {**self.load(), **(await self._cache_contents())}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The same load figures, for an ``AutoscalingPolicy`` (``aggregated_metrics``)."""
+        return {k: float(v) for k, v in self.load().items()}
+
+    def load(self) -> dict[str, Any]:
+        s = self.engine.stats()
+        return {
+            "num_waiting": s["num_requests_waiting"],
+            "num_running": s["num_requests_running"],
+            "num_in_flight": self.engine.num_in_flight(),
+            "kv_cache_usage": s["kv_cache_usage"],
+            "kv_blocks_free": s["kv_blocks_free"],
+            "kv_blocks_total": s["kv_blocks_total"],
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Engine counters plus identity, for ``/debug/replicas`` and tests."""
+        return {
+            "replica": self.replica,
+            "model": self.model_name,
+            "num_in_flight": self.engine.num_in_flight(),
+            **self.engine.stats(),
+        }
+
+    async def shutdown(self, timeout_s: float | None = None) -> None:
+        """Stop admitting, let in-flight requests finish (up to the timeout), stop the engine."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._pusher is not None:  # before the engine stops: a drain waits on its thread
+            self._pusher.cancel()
+            await asyncio.gather(self._pusher, return_exceptions=True)
+        await self.engine.shutdown(
+            self.options.shutdown_timeout_s if timeout_s is None else timeout_s
+        )
+        if self._hub is not None:
+            with contextlib.suppress(Exception):
+                await self._hub.forget.remote(self.replica)
+
+    # ---- ROUTER PLUG-IN POINT ---------------------------------------------------------------
+    # The prefix-aware router (router/request_router.py) reads what the replica-side
+    # CacheReporter (router/routing/reporter.py) builds from the engine's KV-cache events.
+    # Wired here and only here: the reporter is made below, acknowledges each request in
+    # ``generate``, and its report rides in ``record_routing_stats``. With any other router
+    # (``report_cache`` off) events are drained by the stats loop and dropped.
+    def _make_cache_reporter(self) -> Any | None:
+        if not self.options.report_cache:
+            return None
+        from kvmesh.router.routing import CacheReporter
+
+        return CacheReporter(block_size=self.engine.engine.args.block_size)
+
+    async def _cache_contents(self) -> dict[str, Any]:
+        if self._cache_reporter is None:
+            return {}
+        # Every event goes to the reporter (it numbers them), so only this path drains them.
+        events = await self._drain_kv_events()
+        kv = self.engine.engine.kv
+        return self._cache_reporter.report(
+            events=events, snapshot_fn=kv.cached_block_hashes, load=self.engine.stats()
+        )
+
+    async def _drain_kv_events(self) -> list:
+        """The engine's KV events since the last drain (none once the engine has stopped:
+        draining waits for the engine thread, which would never answer)."""
+        if self._closing:
+            return []
+        try:
+            self.engine.check_health()
+        except EngineDeadError:
+            return []
+        return await _in_daemon_thread(self.engine.drain_kv_events)
+
+    # ---- stats push ---------------------------------------------------------------------------
+    def _ensure_pusher(self) -> None:
+        if self._pusher is None and not self._closing:
+            self._pusher = asyncio.get_running_loop().create_task(self._push_loop())
+
+    async def _push_loop(self) -> None:
+        """Publish stats every ``stats_push_period_s``; drop KV events nobody reads."""
+        while not self._closing:
+            try:
+                if self._cache_reporter is None:
+                    await self._drain_kv_events()
+                if self._hub is not None:
+                    stats = self.stats()
+                    await self._hub.push.remote(
+                        self.model_name, self.replica, stats, self.metrics.render(stats)
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a missed push is retried next period
+                log.debug("stats push failed", exc_info=True)
+            await asyncio.sleep(self.options.stats_push_period_s)
+
+
+class LLMReplica(LLMServer):
+    """``LLMServer`` as Serve runs it: Serve awaits ``__del__`` once it has drained the
+    replica's ongoing requests, so the engine finishes what it holds before the process ends.
+    (Kept off ``LLMServer`` itself: a coroutine ``__del__`` is only right where Serve calls it.)
+    """
+
+    async def __del__(self) -> None:
+        await self.shutdown()
