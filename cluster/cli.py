@@ -56,6 +56,126 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_app_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="app config YAML (see configs/)")
+    p.add_argument(
+        "--model", default=None, help="local model directory or .gguf (default: embedded SmolLM2)"
+    )
+    p.add_argument("--replicas", type=int, default=None, help="replicas per model")
+    p.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+
+
+def _app_config(args: argparse.Namespace):
+    from kvmesh.cluster.serve_cmd import config_from_args
+
+    return config_from_args(args.config, args.model, args.replicas, args.host, args.port)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvmesh.cluster.serve_cmd import run_serve
+
+    return run_serve(_app_config(args))
+
+
+def cmd_build_config(args: argparse.Namespace) -> int:
+    from kvmesh.cluster.serve_cmd import check_serve_config, write_serve_config
+
+    if args.check is not None:
+        import yaml
+
+        with open(args.check) as f:
+            data = yaml.safe_load(f) or {}
+        problems = check_serve_config(data)
+        for line in problems:
+            print(line, file=sys.stderr)
+        print(f"{args.check}: {'invalid' if problems else 'ok'}")
+        return 1 if problems else 0
+    text = write_serve_config(_app_config(args), args.output)
+    if args.output is None:
+        print(text, end="")
+    else:
+        print(f"wrote {args.output}; deploy with: serve deploy {args.output}")
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import json
+
+    from kvmesh.cluster import loadgen
+
+    def numbers(text: str | None, kind):
+        return [kind(x) for x in text.split(",")] if text else None
+
+    spec = loadgen.WorkloadSpec(
+        kind=args.workload,
+        num_requests=args.num_requests,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        prefix_len=args.prefix_len,
+        num_prefixes=args.num_prefixes,
+        seed=args.seed,
+    )
+    concurrencies = numbers(args.concurrency, int)
+    rates = numbers(args.rate, float)
+    if not concurrencies and not rates:
+        concurrencies = [1]
+    points = loadgen.sweep(
+        args.url,
+        args.model,
+        spec,
+        concurrencies=concurrencies,
+        rates=rates,
+        api_key=args.api_key,
+        ignore_eos=not args.no_ignore_eos,
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_tpot_ms=args.slo_tpot_ms,
+    )
+    for point in points:
+        print(loadgen.format_point(point))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"url": args.url, "model": args.model, "points": points}, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        loadgen.plot(points, args.plot, "concurrency" if concurrencies else "requests/s")
+        print(f"wrote {args.plot}")
+    return 1 if any(p["summary"]["errors"] for p in points) else 0
+
+
+def _add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = bsub.add_parser(
+        "serve", help="streaming load against an OpenAI-compatible server on this machine"
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (loopback)")
+    p.add_argument("--model", default="SmolLM2-135M-Instruct", help="the `model` to request")
+    p.add_argument("--api-key", default=None)
+    load = p.add_argument_group("load (one or the other; comma-separated lists sweep)")
+    load.add_argument("--concurrency", default=None, help="e.g. 1,8,32 (closed loop)")
+    load.add_argument("--rate", default=None, help="requests/s, Poisson arrivals (open loop)")
+    wl = p.add_argument_group("workload")
+    wl.add_argument(
+        "--workload", choices=["synthetic", "mixed", "shared-prefix"], default="synthetic"
+    )
+    wl.add_argument("--num-requests", type=int, default=32)
+    wl.add_argument("--input-len", type=int, default=128, help="prompt tokens (mean if mixed)")
+    wl.add_argument("--output-len", type=int, default=64, help="output tokens (mean if mixed)")
+    wl.add_argument("--prefix-len", type=int, default=256, help="shared-prefix tokens")
+    wl.add_argument("--num-prefixes", type=int, default=4, help="distinct shared prefixes")
+    wl.add_argument("--seed", type=int, default=0)
+    wl.add_argument(
+        "--no-ignore-eos", action="store_true", help="do not send ignore_eos (strict servers)"
+    )
+    out = p.add_argument_group("report")
+    out.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT limit")
+    out.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT limit")
+    out.add_argument("--json", default=None, help="write the report here")
+    out.add_argument("--plot", default=None, help="write a PNG of latency against load here")
+    p.set_defaults(func=cmd_bench_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmesh",
@@ -73,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("message", nargs="?", default=None, help="the user message")
     _add_engine_options(p)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API (Ray Serve)")
+    _add_app_options(p)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("build-config", help="write the Ray Serve config for `serve deploy`")
+    _add_app_options(p)
+    p.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
+    p.add_argument("--check", default=None, metavar="FILE", help="only check a Serve config")
+    p.set_defaults(func=cmd_build_config)
+    _add_bench_parser(sub)
     return parser
 
 

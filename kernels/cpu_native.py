@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -29,6 +30,11 @@ def native_ops():
         build = Path(os.environ.get("KVMESH_CACHE", Path.home() / ".cache" / "kvmesh"))
         build = build / "torch_extensions" / f"torch{torch.__version__.split('+')[0]}"
         build.mkdir(parents=True, exist_ok=True)
+        # The ninja binary comes with the `ninja` wheel next to this interpreter; a venv's
+        # bin/ is not on PATH unless the venv is activated (CI, Ray workers).
+        bin_dir = str(Path(sys.executable).parent)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
         return load(
             name="kvmesh_paged_decode_cpu",
             sources=[str(SOURCE)],

@@ -13,8 +13,10 @@ its subclass ``LLMReplica`` with ``serve.deployment``. Serve calls the hooks def
   ``graceful_shutdown_timeout_s``): the engine stops admitting and finishes what is left.
 
 A background task pushes engine stats and Prometheus text to the app's stats hub, which the
-ingress reads for ``/metrics`` and ``/debug/replicas``; the same task drains the engine's
-KV-cache events (they would otherwise pile up) and feeds the router's cache reporter.
+ingress reads for ``/metrics`` and ``/debug/replicas``. The engine's KV-cache events go to the
+prefix-aware router's ``CacheReporter`` when that router is configured (drained in
+``record_routing_stats``); otherwise the same background task drains and drops them, since
+they would pile up in the engine.
 """
 
 from __future__ import annotations
@@ -118,8 +120,6 @@ class LLMServer:
         self._hub = stats_hub
         self._closing = False
         self._pusher: asyncio.Task | None = None
-        # Wall clock minus monotonic, to report engine (monotonic) times as wall-clock times.
-        self._clock_offset = time.time() - time.monotonic()
         self._cache_reporter = self._make_cache_reporter()
         with contextlib.suppress(RuntimeError):  # no running loop outside Serve: start lazily
             asyncio.get_running_loop()

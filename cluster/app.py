@@ -1,0 +1,74 @@
+"""Build the Serve application from an ``AppConfig``.
+
+One deployment per served model (``model-<name>``, its own replicas and router), a stats hub,
+and the FastAPI ingress that holds a handle to each model deployment. ``app_builder`` is the
+``import_path`` target of the Ray Serve config ``kvmesh build-config`` writes; its ``args`` are
+the kvmesh config itself, validated here, strictly, when Serve builds the app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.deployment import Application
+
+from kvmesh.cluster.config import AppConfig, ModelConfig, deployment_name
+from kvmesh.replicas.deployment import LLMReplica
+from kvmesh.router.ingress import Ingress
+from kvmesh.router.stats_hub import StatsHub
+
+INGRESS_NAME = "kvmesh-ingress"
+STATS_HUB_NAME = "kvmesh-stats"
+IMPORT_PATH = "kvmesh.cluster.app:app_builder"
+
+
+def model_deployment_options(m: ModelConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "name": deployment_name(m.name),
+        "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+        "max_ongoing_requests": m.max_ongoing_requests,
+        "max_queued_requests": m.max_queued_requests,
+        "graceful_shutdown_timeout_s": m.graceful_shutdown_timeout_s,
+        "health_check_period_s": m.health_check_period_s,
+        "request_router_config": RequestRouterConfig(
+            request_router_class=m.router_class,
+            request_router_kwargs=m.router_kwargs(),
+            # Routers that read load and cache contents from record_routing_stats want them
+            # fresher than Serve's 10 s default.
+            request_routing_stats_period_s=m.routing_stats_period_s,
+            request_routing_stats_timeout_s=max(5.0, 5 * m.routing_stats_period_s),
+        ),
+    }
+    if m.autoscaling is not None:
+        options["autoscaling_config"] = m.autoscaling
+    else:
+        options["num_replicas"] = m.replicas
+    return options
+
+
+def build_app(config: AppConfig) -> Application:
+    hub = (
+        serve.deployment(StatsHub)
+        .options(name=STATS_HUB_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0})
+        .bind(expiry_s=max(5.0, 10 * config.stats_push_period_s))
+    )
+    model_apps = {}
+    for m in config.models:
+        deployment = serve.deployment(LLMReplica).options(**model_deployment_options(m))
+        model_apps[m.name] = deployment.bind(
+            m.engine.model_dump(exclude_defaults=True), m.name, m.replica_options(config), hub
+        )
+    ingress = serve.deployment(serve.ingress()(Ingress)).options(
+        name=INGRESS_NAME,
+        num_replicas=config.ingress_replicas,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=10_000,  # the ingress only waits on replicas; limits live there
+    )
+    return ingress.bind(config.ingress_config(), model_apps, hub)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Serve's application builder: ``args`` is a kvmesh config (see ``cluster/config.py``)."""
+    return build_app(AppConfig.model_validate(args))

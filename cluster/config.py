@@ -1,0 +1,247 @@
+"""The ``kvmesh serve`` config file: models, replicas, engine arguments, limits, keys.
+
+Strict pydantic throughout: an unknown or misspelt key is an error naming where it is, not a
+silently ignored setting. One file describes the whole app; ``cluster/app.py`` turns it into
+Serve deployments and ``kvmesh build-config`` into a Ray Serve config for ``serve deploy``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kvmesh.replicas.config import EngineArgs
+from kvmesh.replicas.deployment import ReplicaOptions
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+ROUTERS = {
+    "power_of_two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+    "prefix_aware": "kvmesh.router.request_router:PrefixAwareRequestRouter",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """One served model: its own deployment, with its own replicas."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="The `model` clients ask for.")
+    engine: EngineArgs = Field(default_factory=EngineArgs)
+    replicas: int = Field(default=1, ge=1)
+    autoscaling: dict[str, Any] | None = Field(
+        default=None,
+        description="Ray Serve autoscaling_config (min_replicas, max_replicas, ...); "
+        "replaces `replicas` when set.",
+    )
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    torch_threads: int | None = Field(default=None, ge=1)
+    max_pending_requests: int | None = Field(
+        default=256, ge=1, description="Requests one replica's engine holds; more get 429."
+    )
+    max_ongoing_requests: int = Field(default=64, ge=1, description="Serve's per-replica cap.")
+    max_queued_requests: int = Field(
+        default=512, ge=1, description="Requests queued for this model's replicas; more get 503."
+    )
+    graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    health_check_period_s: float = Field(default=2.0, gt=0)
+    request_router: str = Field(
+        default="power_of_two",
+        description="power_of_two (Serve's default), prefix_aware (kvmesh's), or a class path.",
+    )
+    router_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="request_router_kwargs; for prefix_aware, RouterConfig fields.",
+    )
+    routing_stats_period_s: float = Field(
+        default=1.0, gt=0, description="How often Serve pulls record_routing_stats."
+    )
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine(cls, value: Any) -> Any:
+        return EngineArgs.model_validate(value) if isinstance(value, dict) else value
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            unknown = sorted(set(value) - set(AutoscalingConfig.model_fields))
+            if unknown:
+                raise ValueError(f"unknown autoscaling keys: {', '.join(unknown)}")
+            AutoscalingConfig(**value)
+        return value
+
+    @model_validator(mode="after")
+    def _router(self) -> ModelConfig:
+        if self.prefix_aware:
+            from kvmesh.router.routing.config import RouterConfig
+
+            RouterConfig(**self.router_kwargs())
+        elif self.request_router not in ROUTERS and ":" not in self.request_router:
+            raise ValueError(
+                f"request_router: {self.request_router!r} is not one of "
+                f"{', '.join(ROUTERS)} or a 'module:Class' path"
+            )
+        return self
+
+    @property
+    def router_class(self) -> str:
+        return ROUTERS.get(self.request_router, self.request_router)
+
+    @property
+    def prefix_aware(self) -> bool:
+        return self.router_class == ROUTERS["prefix_aware"]
+
+    def router_kwargs(self) -> dict[str, Any]:
+        """kvmesh's router must hash blocks as this model's engine does: same block size."""
+        if self.prefix_aware:
+            return {
+                "block_size": self.engine.block_size,
+                "model_name": self.name,
+                **self.router_options,
+            }
+        return dict(self.router_options)
+
+    def replica_options(self, app: AppConfig) -> dict[str, Any]:
+        return ReplicaOptions(
+            max_pending_requests=self.max_pending_requests,
+            torch_threads=self.torch_threads,
+            stats_push_period_s=app.stats_push_period_s,
+            shutdown_timeout_s=self.graceful_shutdown_timeout_s,
+            report_cache=self.prefix_aware,
+            debug_hooks=app.debug_hooks,
+        ).model_dump()
+
+
+class AliasConfig(_Strict):
+    """A name that splits traffic by weight between served models (canary / A-B)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    weights: dict[str, float] = Field(min_length=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(w <= 0 for w in value.values()):
+            raise ValueError("weights must be positive")
+        return value
+
+
+class ResponseCacheConfig(_Strict):
+    enabled: bool = False
+    max_entries: int = Field(default=1024, ge=1)
+
+
+class LimitsConfig(_Strict):
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    retry_after_s: int = Field(default=1, ge=0)
+
+
+class AppConfig(_Strict):
+    """The whole app. Every field has a default: an empty file serves the embedded model."""
+
+    name: str = Field(default="kvmesh", pattern=r"^[A-Za-z0-9_-]+$")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name=default_name())])
+    aliases: list[AliasConfig] = Field(default_factory=list)
+    api_keys: list[str] = Field(default_factory=list)
+    response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    ingress_replicas: int = Field(default=1, ge=1)
+    stats_push_period_s: float = Field(default=0.5, gt=0)
+    debug_hooks: bool = Field(
+        default=False,
+        description="Test-only: a request header can make its replica exit mid-stream.",
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> AppConfig:
+        if not self.models:
+            raise ValueError("models: at least one model is needed")
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"models: duplicate names {dupes}")
+        deployments = [deployment_name(n) for n in names]
+        if len(set(deployments)) != len(deployments):
+            raise ValueError("models: names differ only in characters Serve cannot use")
+        for alias in self.aliases:
+            if alias.name in names:
+                raise ValueError(f"aliases: {alias.name!r} is also a model name")
+            unknown = sorted(set(alias.weights) - set(names))
+            if unknown:
+                raise ValueError(f"aliases: {alias.name!r} points at unknown models {unknown}")
+        return self
+
+    def ingress_config(self) -> dict[str, Any]:
+        """What the ingress deployment is built with (``router.ingress.IngressConfig``)."""
+        return {
+            "models": {m.name: m.engine.model_dump(exclude_defaults=True) for m in self.models},
+            "aliases": {a.name: dict(a.weights) for a in self.aliases},
+            "api_keys": list(self.api_keys),
+            "response_cache_entries": (
+                self.response_cache.max_entries if self.response_cache.enabled else 0
+            ),
+            "max_request_bytes": self.limits.max_request_bytes,
+            "retry_after_s": self.limits.retry_after_s,
+            "debug_hooks": self.debug_hooks,
+        }
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{self.route_prefix.rstrip('/')}"
+
+
+def default_name() -> str:
+    from kvmesh.replicas.model_files import EMBEDDED_MODEL_NAME
+
+    return EMBEDDED_MODEL_NAME
+
+
+def deployment_name(model: str) -> str:
+    """Serve deployment names may not hold '#' or '/': keep them readable but safe."""
+    return "model-" + re.sub(r"[^A-Za-z0-9._-]", "_", model)
+
+
+def example_config_path(name: str) -> Path | None:
+    """A config shipped in ``kvmesh.configs`` (``serve_canary`` or ``serve_canary.yaml``)."""
+    from importlib.resources import files
+
+    for candidate in (name, f"{name}.yaml"):
+        path = Path(str(files("kvmesh.configs") / candidate))
+        if path.is_file():
+            return path
+    return None
+
+
+def load_config(path: str | Path) -> AppConfig:
+    """Read a YAML (or JSON) config; errors name the file and the offending key.
+
+    A bare name that is not a file here is looked up among the example configs shipped in
+    ``kvmesh.configs`` (so ``--config serve_canary`` works from any directory).
+    """
+    path = Path(path)
+    if not path.exists() and len(path.parts) == 1:
+        path = example_config_path(path.name) or path
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path}: the top level must be a mapping")
+    try:
+        return AppConfig.model_validate(raw)
+    except Exception as exc:
+        raise ValueError(f"config {path}: {exc}") from exc

@@ -1,0 +1,128 @@
+"""The ingress side of the replica handle call: open a stream, map its failures to HTTP.
+
+Opening waits for the replica's ``admitted`` chunk, so every failure before generation starts
+(bad input the engine caught, a full queue, a replica that died or is shutting down) becomes a
+proper HTTP status, and the stream's response headers can name the replica that took it.
+Failures that happen before admission are retried on another replica (nothing has been sent
+to the client yet); after admission they end the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+
+from kvmesh.replicas.wire import ReplicaChunk, ReplicaError, ReplicaRequest
+from kvmesh.router.errors import APIError
+
+log = logging.getLogger(__name__)
+
+_REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+def to_api_error(err: ReplicaError, retry_after_s: int) -> APIError:
+    if err.kind == "bad_request":
+        return APIError(400, err.message, code="invalid_value")
+    if err.kind == "overloaded":
+        return APIError(
+            429,
+            f"the model is overloaded: {err.message}",
+            code="overloaded",
+            retry_after_s=retry_after_s,
+        )
+    if err.kind in ("shutting_down", "engine_dead"):
+        return APIError(
+            503,
+            f"replica unavailable: {err.message}",
+            code="replica_unavailable",
+            retry_after_s=retry_after_s,
+        )
+    return APIError(500, f"replica error: {err.message}", code="internal_error")
+
+
+class ReplicaStream:
+    """Token chunks from one admitted request; ``cancel()`` aborts it on the replica."""
+
+    cache_hit = False
+
+    def __init__(self, gen: Any, admitted: ReplicaChunk, retry_after_s: int) -> None:
+        self._gen = gen
+        self.admitted = admitted
+        self.replica = admitted.replica
+        self.done = False
+        self._retry_after_s = retry_after_s
+
+    async def __aiter__(self) -> AsyncIterator[ReplicaChunk]:
+        try:
+            async for chunk in self._gen:
+                if chunk.error is not None:
+                    self.done = True
+                    raise to_api_error(chunk.error, self._retry_after_s)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    self.done = True
+                    return
+        except _REPLICA_GONE as exc:
+            self.done = True
+            log.warning("replica %s failed mid-stream: %r", self.replica, exc)
+            raise APIError(
+                503,
+                f"the replica serving this request failed ({type(exc).__name__}); retry",
+                code="replica_failed",
+                retry_after_s=self._retry_after_s,
+            ) from exc
+        self.done = True
+        raise APIError(500, "the replica ended the stream before the request finished")
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.done = True
+            self._gen.cancel()
+
+
+async def open_stream(
+    handle: Any, req: ReplicaRequest, *, retries: int = 2, retry_after_s: int = 1
+) -> ReplicaStream:
+    """Send ``req`` to a replica of ``handle`` and wait until one admits it."""
+    delay, last = 0.05, "no attempt"
+    for attempt in range(retries + 1):
+        gen = handle.options(stream=True).generate.remote(req)
+        try:
+            first: ReplicaChunk = await gen.__anext__()
+        except BackPressureError as exc:
+            raise APIError(
+                503,
+                f"too many requests queued for {req.model}: {exc}",
+                code="queue_full",
+                retry_after_s=retry_after_s,
+            ) from exc
+        except _REPLICA_GONE as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        except BaseException:
+            gen.cancel()
+            raise
+        else:
+            if first.error is None:
+                return ReplicaStream(gen, first, retry_after_s)
+            if first.error.kind not in ("shutting_down", "engine_dead"):
+                raise to_api_error(first.error, retry_after_s)
+            last = first.error.message
+        if attempt < retries:
+            log.info("retrying %s on another replica: %s", req.request_id, last)
+            await asyncio.sleep(delay)
+            delay *= 2
+    raise APIError(
+        503,
+        f"no replica of {req.model} could take the request ({last})",
+        code="replica_unavailable",
+        retry_after_s=retry_after_s,
+    )

@@ -1,0 +1,99 @@
+"""Token sources the ingress formats: a replica stream, a cached generation, or several merged.
+
+A completions request with several prompts fans out into one source per prompt; ``merge``
+interleaves their chunks as they arrive, tagged with the prompt's index (the choice index).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from kvmesh.replicas.wire import ReplicaChunk
+from kvmesh.router.response_cache import Generation
+
+
+class TokenSource(Protocol):
+    replica: str
+    cache_hit: bool
+
+    def __aiter__(self) -> AsyncIterator[ReplicaChunk]: ...
+
+    def cancel(self) -> None: ...
+
+
+class CachedStream:
+    """A response-cache hit, replayed as one chunk."""
+
+    cache_hit = True
+
+    def __init__(self, gen: Generation) -> None:
+        self.gen = gen
+        self.replica = gen.replica
+
+    async def __aiter__(self) -> AsyncIterator[ReplicaChunk]:
+        g = self.gen
+        yield ReplicaChunk(
+            replica=g.replica,
+            delta_text=g.text,
+            delta_token_ids=list(g.token_ids),
+            delta_logprobs=g.logprobs,
+            finish_reason=g.finish_reason,
+            num_prompt_tokens=g.num_prompt_tokens,
+            num_cached_tokens=g.num_cached_tokens,
+            num_output_tokens=len(g.token_ids),
+            t_emit=time.time(),
+        )
+
+    def cancel(self) -> None:
+        pass
+
+
+def accumulate(gen: Generation, chunk: ReplicaChunk) -> None:
+    """Fold one chunk into the generation it belongs to."""
+    gen.replica = chunk.replica or gen.replica
+    gen.text += chunk.delta_text
+    gen.token_ids.extend(chunk.delta_token_ids)
+    if chunk.delta_logprobs is not None:
+        gen.logprobs = (gen.logprobs or []) + list(chunk.delta_logprobs)
+    if chunk.finish_reason is not None:
+        gen.finish_reason = chunk.finish_reason
+    gen.num_prompt_tokens = chunk.num_prompt_tokens or gen.num_prompt_tokens
+    gen.num_cached_tokens = max(gen.num_cached_tokens, chunk.num_cached_tokens)
+
+
+_DONE = object()
+
+
+async def merge(sources: Sequence[TokenSource]) -> AsyncIterator[tuple[int, ReplicaChunk]]:
+    """Chunks of every source as they come, as ``(source index, chunk)``; first error raises."""
+    if len(sources) == 1:
+        async for chunk in sources[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, source: TokenSource) -> None:
+        try:
+            async for chunk in source:
+                queue.put_nowait((i, chunk))
+            queue.put_nowait((i, _DONE))
+        except Exception as exc:  # re-raised in the consumer
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(sources)]
+    try:
+        remaining = len(sources)
+        while remaining:
+            i, item = await queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
