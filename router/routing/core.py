@@ -1,0 +1,241 @@
+"""The prefix-aware router, without Ray: one instance per routing process.
+
+Ray Serve's ``RequestRouter`` (:mod:`kvmesh.router.request_router`) and the simulator
+(``bench/router_sim.py``) both drive this class, so what the simulation measures is this code.
+
+Lifecycle of a request::
+
+    decision = core.route(block_hashes, num_prompt_tokens, session_id=...)   # rank replicas
+    seq = core.next_seq()           # stamp for the replica to acknowledge (optional)
+    ... the transport sends it to some replica R (normally decision.best) ...
+    core.on_routed(R, request_id, block_hashes, decision, seq, session_id)   # speculate, count load
+    ... later ...
+    core.on_completed(request_id)
+
+and, whenever a replica's ``record_routing_stats`` dict arrives, ``core.apply_report(R, stats)``.
+Several instances (one per ingress replica) route independently; each keeps its own index,
+corrected from the same reports, and there is no shared state on the request path.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from kvmesh.router.routing.config import RouterConfig
+from kvmesh.router.routing.index import PrefixIndex
+from kvmesh.router.routing.load import LoadTracker
+from kvmesh.router.routing.metrics import RouterMetrics
+from kvmesh.router.routing.policy import Candidate, Decision, Reason, decide
+from kvmesh.router.routing.sync import ReplicaSync, SyncOutcome, apply_report
+from kvmesh.router.routing.wire import block_key, parse_report
+
+log = logging.getLogger(__name__)
+
+
+class PrefixRouterCore:
+    """Prefix index + load estimates + policy, for one routing process."""
+
+    def __init__(
+        self,
+        config: RouterConfig | None = None,
+        *,
+        router_id: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
+        self.config = config or RouterConfig()
+        self.router_id = router_id or secrets.token_hex(6)
+        self._clock = clock
+        self._metrics = metrics
+        self._rng = random.Random(self.config.seed)
+        self._lock = threading.RLock()
+        self.index = PrefixIndex()
+        self.loads = LoadTracker(self.router_id, self.config)
+        self._sync: dict[Hashable, ReplicaSync] = {}
+        self._hit_counters: dict[Hashable, tuple[int, int]] = {}
+        self._last_stats: dict[Hashable, Mapping[str, Any]] = {}
+        self._sessions: OrderedDict[str, tuple[Hashable, float]] = OrderedDict()
+        self._seq = 0
+        self._warned_block_size = False
+
+    # ---- replica set --------------------------------------------------------------------
+    def add_replica(self, replica: Hashable) -> None:
+        with self._lock:
+            if replica in self._sync:
+                return
+            self.index.add_replica(replica)
+            self.loads.add_replica(replica)
+            self._sync[replica] = ReplicaSync()
+
+    def remove_replica(self, replica: Hashable) -> None:
+        """Forget a replica that died or left; its sessions re-route on their next turn."""
+        with self._lock:
+            if self._sync.pop(replica, None) is None:
+                return
+            self.index.remove_replica(replica)
+            self.loads.remove_replica(replica)
+            self._hit_counters.pop(replica, None)
+            self._last_stats.pop(replica, None)
+
+    def set_replicas(self, replicas: Iterable[Hashable]) -> None:
+        wanted = set(replicas)
+        with self._lock:
+            for gone in [r for r in self._sync if r not in wanted]:
+                self.remove_replica(gone)
+            for new in wanted:
+                self.add_replica(new)
+
+    @property
+    def replicas(self) -> list[Hashable]:
+        return list(self._sync)
+
+    # ---- reports ------------------------------------------------------------------------
+    def apply_report(self, replica: Hashable, routing_stats: Mapping[str, Any] | None) -> bool:
+        """Fold in a replica's latest ``record_routing_stats`` dict; False if it has no report."""
+        with self._lock:
+            # Serve re-broadcasts every replica's dict when any one changes: skip the others.
+            if replica in self._sync and routing_stats == self._last_stats.get(replica):
+                return True
+        report = parse_report(routing_stats)
+        if report is None:
+            return False
+        with self._lock:
+            state = self._sync.get(replica)
+            if state is None:
+                return False
+            self._last_stats[replica] = routing_stats
+            if report.block_size != self.config.block_size and not self._warned_block_size:
+                self._warned_block_size = True
+                log.warning(
+                    "replica %s reports block_size %d but the router uses %d: prefixes will "
+                    "not match (set RouterConfig.block_size to the engine's)",
+                    replica,
+                    report.block_size,
+                    self.config.block_size,
+                )
+            was_synced = state.synced
+            outcome = apply_report(self.index, replica, state, report)
+            self.loads.on_report(replica, report.load, report.acks)
+            self._count_reported_hits(replica, report.load)
+            if self._metrics is not None:
+                if outcome is SyncOutcome.RESYNC:
+                    self._metrics.resyncs.inc()
+                elif outcome is SyncOutcome.GAP and was_synced:
+                    self._metrics.gaps.inc()
+            return True
+
+    def _count_reported_hits(self, replica: Hashable, load: Any) -> None:
+        if load.prefix_cache_queries is None or load.prefix_cache_hits is None:
+            return
+        now = (load.prefix_cache_queries, load.prefix_cache_hits)
+        before = self._hit_counters.get(replica)
+        self._hit_counters[replica] = now
+        if before is None or self._metrics is None:
+            return
+        dq, dh = now[0] - before[0], now[1] - before[1]
+        if dq >= 0 and dh >= 0:  # counters reset when the engine restarts
+            self._metrics.reported_query_tokens.inc(dq)
+            self._metrics.reported_hit_tokens.inc(dh)
+
+    def is_synced(self, replica: Hashable) -> bool:
+        state = self._sync.get(replica)
+        return bool(state and state.synced)
+
+    # ---- routing ------------------------------------------------------------------------
+    def route(
+        self,
+        block_hashes: Sequence[bytes],
+        num_prompt_tokens: int,
+        *,
+        session_id: str | None = None,
+        candidates: Iterable[Hashable] | None = None,
+    ) -> Decision:
+        """Rank the candidate replicas (default: all known) for one request."""
+        bs = self.config.block_size
+        with self._lock:
+            now = self._clock()
+            self.index.expire(now)
+            pool = list(self._sync) if candidates is None else list(candidates)
+            for replica in pool:
+                if replica not in self._sync:
+                    self.add_replica(replica)
+            keys = [block_key(h) for h in block_hashes]
+            matched = self.index.match(keys, pool)
+            # The engine always computes the prompt's last token, so a fully cached prompt
+            # still leaves one token of prefill.
+            cap = max(num_prompt_tokens - 1, 0)
+            cands = [Candidate(r, min(matched[r] * bs, cap), self.loads.load(r, now)) for r in pool]
+            sticky = self._sticky(session_id, now)
+            decision = decide(num_prompt_tokens, cands, self.config, self._rng, sticky)
+            return replace(decision, keys=keys)
+
+    def next_seq(self) -> int:
+        """A fresh stamp for a request this router is about to send."""
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+    def on_routed(
+        self,
+        replica: Hashable,
+        request_id: str,
+        block_hashes: Sequence[bytes],
+        num_prompt_tokens: int,
+        decision: Decision | None,
+        seq: int = 0,
+        session_id: str | None = None,
+    ) -> None:
+        """The request went to ``replica``: expect its blocks there, count its load."""
+        with self._lock:
+            if replica not in self._sync:
+                return
+            now = self._clock()
+            hit = decision.hit_tokens.get(replica, 0) if decision is not None else 0
+            if decision is not None and len(decision.keys) == len(block_hashes):
+                keys = decision.keys
+            else:
+                keys = [block_key(h) for h in block_hashes]
+            self.index.speculate(replica, keys, now, self.config.speculative_ttl_s)
+            self.loads.on_routed(replica, request_id, seq, num_prompt_tokens - hit, now)
+            if session_id and self.config.session_affinity:
+                self._remember_session(session_id, replica, now)
+            if self._metrics is not None:
+                reason = decision.reason.value if decision is not None else Reason.NO_PREFIX.value
+                self._metrics.decision(reason)
+                self._metrics.prompt_tokens.inc(num_prompt_tokens)
+                self._metrics.predicted_hit_tokens.inc(hit)
+                self._metrics.index_speculative.set(self.index.num_speculative())
+                self._metrics.index_confirmed.set(
+                    sum(self.index.num_confirmed(r) for r in self._sync)
+                )
+
+    def on_completed(self, request_id: str) -> None:
+        with self._lock:
+            self.loads.on_completed(request_id)
+
+    # ---- sessions -----------------------------------------------------------------------
+    def _sticky(self, session_id: str | None, now: float) -> Hashable | None:
+        if not session_id or not self.config.session_affinity:
+            return None
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            return None
+        replica, seen = entry
+        if now - seen > self.config.session_ttl_s or replica not in self._sync:
+            del self._sessions[session_id]
+            return None
+        return replica
+
+    def _remember_session(self, session_id: str, replica: Hashable, now: float) -> None:
+        self._sessions[session_id] = (replica, now)
+        self._sessions.move_to_end(session_id)
+        while len(self._sessions) > self.config.max_sessions:
+            self._sessions.popitem(last=False)

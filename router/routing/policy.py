@@ -1,0 +1,153 @@
+"""The routing decision: score every replica by the work the request would cost there.
+
+``cost = miss_weight * uncached prompt tokens``
+``     + queue_weight * prefill tokens queued there``
+``     + decode_weight * requests resident there``
+``     + kv_penalty * ((kv_usage - kv_soft_limit) / (1 - kv_soft_limit))^2  (above the limit)``
+
+The first two terms are, up to a constant, the request's time to first token on that replica
+(prefill is serial, so our prefill waits behind the queued one). The third prices the decode
+work sharing every step with us and the conversations likely to return there. The fourth keeps
+requests away from a replica about to evict or preempt.
+
+The lowest cost wins; near-ties (``tie_tolerance``) are broken at random. Two overrides:
+
+* session affinity: a session's previous replica wins if it costs at most ``session_slack``
+  more than the best;
+* imbalance guard: if the winner's load (queue + decode terms) exceeds the least loaded
+  replica's by ``balance_abs`` *and* by a factor ``balance_rel``, the load estimate or the cache
+  prediction is off badly enough that the cost cannot be trusted, and we fall back to power of
+  two choices on load alone. With the default thresholds the cost already steers away from such
+  skew, so the guard fires rarely; it bounds the damage when it does not.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from kvmesh.router.routing.config import RouterConfig
+from kvmesh.router.routing.load import ReplicaLoad
+
+
+class Reason(StrEnum):
+    """Why a replica was chosen (the ``reason`` label of the decision counter)."""
+
+    CACHE_HIT = "cache_hit"
+    """Lowest cost, and the chosen replica holds part of the prompt."""
+    NO_PREFIX = "no_prefix"
+    """Lowest cost, with nothing of the prompt cached on the chosen replica: chosen by load."""
+    LOAD_FALLBACK = "load_fallback"
+    """The imbalance guard fired: power of two choices on load."""
+    SESSION_AFFINITY = "session_affinity"
+    """The session's previous replica, close enough to the best."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    replica: Hashable
+    hit_tokens: int
+    load: ReplicaLoad
+
+
+@dataclass(frozen=True)
+class Decision:
+    ranked: list[Hashable]
+    """Every candidate, best first."""
+    reason: Reason
+    hit_tokens: dict[Hashable, int]
+    """Predicted cached prompt tokens per candidate."""
+    costs: dict[Hashable, float]
+    keys: Sequence[bytes] = ()
+    """The prompt's block keys (set by the core, reused when the request is committed)."""
+
+    @property
+    def best(self) -> Hashable:
+        return self.ranked[0]
+
+
+def load_term(load: ReplicaLoad, config: RouterConfig) -> float:
+    """The queue and decode terms of the cost (what the imbalance guard compares)."""
+    return config.queue_weight * load.queued_tokens + config.decode_weight * load.resident
+
+
+def kv_term(kv_usage: float, config: RouterConfig) -> float:
+    soft = config.kv_soft_limit
+    if kv_usage <= soft or soft >= 1.0:
+        return 0.0
+    x = (kv_usage - soft) / (1.0 - soft)
+    return config.kv_penalty * min(x, 1.0) ** 2
+
+
+def cost(num_prompt_tokens: int, cand: Candidate, config: RouterConfig) -> float:
+    miss = max(num_prompt_tokens - cand.hit_tokens, 0)
+    return (
+        config.miss_weight * miss
+        + load_term(cand.load, config)
+        + kv_term(cand.load.kv_usage, config)
+    )
+
+
+def decide(
+    num_prompt_tokens: int,
+    candidates: Sequence[Candidate],
+    config: RouterConfig,
+    rng: random.Random,
+    sticky: Hashable | None = None,
+) -> Decision:
+    """Rank ``candidates`` for a prompt of ``num_prompt_tokens`` tokens."""
+    if not candidates:
+        raise ValueError("no candidate replicas")
+    costs: dict[Hashable, float] = {}
+    hits: dict[Hashable, int] = {}
+    loads: dict[Hashable, float] = {}
+    miss_weight = config.miss_weight
+    for c in candidates:
+        load = load_term(c.load, config)
+        loads[c.replica] = load
+        hits[c.replica] = c.hit_tokens
+        costs[c.replica] = (
+            miss_weight * max(num_prompt_tokens - c.hit_tokens, 0)
+            + load
+            + kv_term(c.load.kv_usage, config)
+        )
+
+    order = sorted(costs, key=costs.__getitem__)
+    best_cost = costs[order[0]]
+    n_tied = 1
+    while n_tied < len(order) and costs[order[n_tied]] <= best_cost + config.tie_tolerance:
+        n_tied += 1
+    if n_tied > 1:
+        # Near-ties: prefer the lighter load, then chance (so identical cold requests spread).
+        tied = order[:n_tied]
+        rng.shuffle(tied)
+        tied.sort(key=loads.__getitem__)
+        order[:n_tied] = tied
+
+    if (
+        config.session_affinity
+        and sticky is not None
+        and sticky in costs
+        and costs[sticky] <= best_cost + config.session_slack
+        and not _overloaded(loads[sticky], loads, config)
+    ):
+        order.remove(sticky)
+        order.insert(0, sticky)
+        return Decision(order, Reason.SESSION_AFFINITY, hits, costs)
+
+    if len(order) > 1 and _overloaded(loads[order[0]], loads, config):
+        a, b = rng.sample(order, 2)
+        winner = a if loads[a] <= loads[b] else b
+        order.remove(winner)
+        order.insert(0, winner)
+        return Decision(order, Reason.LOAD_FALLBACK, hits, costs)
+
+    reason = Reason.CACHE_HIT if hits[order[0]] > 0 else Reason.NO_PREFIX
+    return Decision(order, reason, hits, costs)
+
+
+def _overloaded(load: float, loads: dict[Hashable, float], config: RouterConfig) -> bool:
+    least = min(loads.values())
+    return load - least > config.balance_abs and load > config.balance_rel * least
