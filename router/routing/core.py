@@ -8,7 +8,8 @@ Lifecycle of a request::
     decision = core.route(block_hashes, num_prompt_tokens, session_id=...)   # rank replicas
     seq = core.next_seq()           # stamp for the replica to acknowledge (optional)
     ... the transport sends it to some replica R (normally decision.best) ...
-    core.on_routed(R, request_id, block_hashes, decision, seq, session_id)   # speculate, count load
+    # R is now expected to hold the prompt's blocks (speculation) and to carry its load
+    core.on_routed(R, request_id, block_hashes, num_prompt_tokens, decision, seq, session_id)
     ... later ...
     core.on_completed(request_id)
 
