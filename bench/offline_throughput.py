@@ -125,8 +125,15 @@ def run_vllm(args, bind_both_cores: bool) -> dict:
         seed=args.seed,
         model=str(resolve_model_dir(None)),
     )
+    # cwd outside the repository: its top-level folders (kernels/, router/...) would shadow
+    # same-named packages that vLLM's dependencies import (transformers imports `kernels`).
     proc = subprocess.run(
-        [args.vllm_python, "-c", code], env=env, capture_output=True, text=True, timeout=1800
+        [args.vllm_python, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=scratch,
     )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -38,7 +38,8 @@ def native_ops():
         return load(
             name="kvmesh_paged_decode_cpu",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+            extra_ldflags=["-fopenmp"],
             build_directory=str(build),
             verbose=False,
         )

@@ -15,6 +15,16 @@
 #include <cmath>
 #include <vector>
 
+// Dot product; `omp simd reduction` lets the compiler keep vector accumulators and reduce
+// them once at the end, without -ffast-math (a plain `s += a[i] * b[i]` loop is a serial
+// dependency chain otherwise).
+static inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
                   torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
                   double scale, int64_t window) {
@@ -34,54 +44,49 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
+  const int64_t slot = KVH * D;  // one token's K (or V) for all kv heads: contiguous
 
-  at::parallel_for(0, N * KVH, 1, [&](int64_t begin, int64_t end) {
+  // One sequence per work item: each token's K row for all heads is one contiguous read.
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc(G * D);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / KVH, h = item % KVH;
+    std::vector<float> acc(H * D);
+    for (int64_t n = begin; n < end; ++n) {
       const int64_t len = lens[n];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const int64_t span = len - first;
-      scores.assign(G * span, 0.f);
-      const float* qrow = qp + (n * H + h * G) * D;
+      scores.resize(H * span);
+      const float* qn = qp + n * H * D;
+      const int32_t* table = bt + n * MB;
       for (int64_t t = first; t < len; ++t) {
         // 64-bit offsets: block ids times strides overflow int32 on large caches.
-        const int64_t blk = bt[n * MB + t / BS];
-        const float* krow = kp + ((blk * BS + t % BS) * KVH + h) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* qg = qrow + g * D;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qg[d] * krow[d];
-          scores[g * span + (t - first)] = s * fscale;
-        }
+        const float* krow = kp + (static_cast<int64_t>(table[t / BS]) * BS + t % BS) * slot;
+        for (int64_t h = 0; h < H; ++h)
+          scores[h * span + (t - first)] = dot(qn + h * D, krow + (h / G) * D, D) * fscale;
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * span;
+      for (int64_t h = 0; h < H; ++h) {
+        float* sh = scores.data() + h * span;
         float m = -INFINITY;
-        for (int64_t t = 0; t < span; ++t) m = std::max(m, sg[t]);
+        for (int64_t t = 0; t < span; ++t) m = std::max(m, sh[t]);
+#pragma omp simd
+        for (int64_t t = 0; t < span; ++t) sh[t] = std::exp(sh[t] - m);
         float sum = 0.f;
-        for (int64_t t = 0; t < span; ++t) {
-          sg[t] = std::exp(sg[t] - m);
-          sum += sg[t];
-        }
+        for (int64_t t = 0; t < span; ++t) sum += sh[t];
         const float inv = 1.f / sum;
-        for (int64_t t = 0; t < span; ++t) sg[t] *= inv;
+#pragma omp simd
+        for (int64_t t = 0; t < span; ++t) sh[t] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = first; t < len; ++t) {
-        const int64_t blk = bt[n * MB + t / BS];
-        const float* vrow = vp + ((blk * BS + t % BS) * KVH + h) * D;
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = scores[g * span + (t - first)];
-          float* a = acc.data() + g * D;
+        const float* vrow = vp + (static_cast<int64_t>(table[t / BS]) * BS + t % BS) * slot;
+        for (int64_t h = 0; h < H; ++h) {
+          const float p = scores[h * span + (t - first)];
+          const float* vh = vrow + (h / G) * D;
+          float* a = acc.data() + h * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += p * vrow[d];
+          for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
         }
       }
-      for (int64_t g = 0; g < G; ++g)
-        std::copy(acc.begin() + g * D, acc.begin() + (g + 1) * D, op + (n * H + h * G + g) * D);
+      std::copy(acc.begin(), acc.end(), op + n * H * D);
     }
   });
 }
