@@ -21,7 +21,16 @@ _EXPORTS = {
     "AsyncLLM": "kvmesh.replicas.async_engine",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [
+    "LLM",
+    "AsyncLLM",
+    "CompletionOutput",
+    "EngineArgs",
+    "LLMEngine",
+    "RequestOutput",
+    "SamplingParams",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from kvmesh.replicas.async_engine import AsyncLLM
