@@ -235,7 +235,7 @@ class Ingress:
         out = fmt.completion_body(rid, created, target, gens, req.logprobs, info.token_text)
         return JSONResponse(out, headers=headers)
 
-    async def stream_completion(
+    def stream_completion(
         self,
         req: CompletionRequest,
         target: str,
@@ -247,7 +247,8 @@ class Ingress:
         created: int,
     ) -> AsyncIterator[bytes]:
         gens = [Generation(replica=s.replica) for s in sources]
-        try:
+
+        async def events() -> AsyncIterator[bytes]:
             async for i, chunk in merge(sources):
                 offset = len(gens[i].text)
                 accumulate(gens[i], chunk)
@@ -272,14 +273,28 @@ class Ingress:
             if req.include_usage:
                 yield fmt.sse(fmt.usage_chunk(rid, created, target, "text_completion", gens))
             self.remember(target, prompts, params, sources, gens)
+
+        return self.guarded_sse(rid, sources, events())
+
+    @staticmethod
+    async def guarded_sse(
+        rid: str, sources: list[TokenSource], events: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        """Every stream ends with ``[DONE]``; a failure becomes an SSE error event, never a
+        silent stop, and the request's sources are cancelled however the stream ends
+        (including a client disconnect)."""
+        try:
+            async for data in events:
+                yield data
         except APIError as err:
             yield fmt.sse(err.body())
-        except Exception as exc:  # a stream must end with an error event, never just stop
+        except Exception as exc:
             log.exception("stream %s failed", rid)
             yield fmt.sse(APIError(500, f"internal error: {type(exc).__name__}").body())
         finally:
             for source in sources:
                 source.cancel()
+            await events.aclose()
         yield fmt.SSE_DONE
 
     # ---- /v1/chat/completions ------------------------------------------------------------
@@ -306,7 +321,7 @@ class Ingress:
             fmt.chat_body(rid, created, target, gens[0], top, info.token_text), headers=headers
         )
 
-    async def stream_chat(
+    def stream_chat(
         self,
         req: ChatCompletionRequest,
         target: str,
@@ -319,7 +334,8 @@ class Ingress:
     ) -> AsyncIterator[bytes]:
         gen = Generation(replica=sources[0].replica)
         top = params.logprobs
-        try:
+
+        async def events() -> AsyncIterator[bytes]:
             yield fmt.sse(
                 fmt.chat_chunk(
                     rid, created, target, {"role": "assistant", "content": ""}, None, None
@@ -347,15 +363,8 @@ class Ingress:
             if req.include_usage:
                 yield fmt.sse(fmt.usage_chunk(rid, created, target, "chat.completion.chunk", [gen]))
             self.remember(target, prompts, params, sources, [gen])
-        except APIError as err:
-            yield fmt.sse(err.body())
-        except Exception as exc:  # a stream must end with an error event, never just stop
-            log.exception("stream %s failed", rid)
-            yield fmt.sse(APIError(500, f"internal error: {type(exc).__name__}").body())
-        finally:
-            for source in sources:
-                source.cancel()
-        yield fmt.SSE_DONE
+
+        return self.guarded_sse(rid, sources, events())
 
     # ---- everything else ------------------------------------------------------------------
     def models_body(self) -> dict[str, Any]:
