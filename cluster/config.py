@@ -21,6 +21,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 ROUTERS = {
     "power_of_two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
     "prefix_aware": "kvmesh.router.request_router:PrefixAwareRequestRouter",
+    "round_robin": "kvmesh.router.baselines:RoundRobinRequestRouter",
 }
 
 
@@ -53,7 +54,8 @@ class ModelConfig(_Strict):
     health_check_period_s: float = Field(default=2.0, gt=0)
     request_router: str = Field(
         default="power_of_two",
-        description="power_of_two (Serve's default), prefix_aware (kvmesh's), or a class path.",
+        description="power_of_two (Serve's default), prefix_aware (kvmesh's), round_robin, "
+        "or a 'module:Class' path.",
     )
     router_options: dict[str, Any] = Field(
         default_factory=dict,

@@ -100,6 +100,10 @@ class RequestResult:
     output_tokens: int = 0
     status: int = 0
     error: str | None = None
+    cached_tokens: int = 0
+    """Prompt tokens the server reports as served from its prefix cache."""
+    replica: str | None = None
+    """The replica that served it (kvmesh's ``x-kvmesh-replica`` header), if named."""
 
     @property
     def tpot(self) -> float | None:
@@ -116,18 +120,30 @@ async def send_one(
         "prompt": req.prompt_token_ids,
         "max_tokens": req.max_tokens,
         "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
     }
     if ignore_eos:
         body["ignore_eos"] = True
+    return await stream_request(client, "/v1/completions", body, len(req.prompt_token_ids))
+
+
+async def stream_request(
+    client: httpx.AsyncClient,
+    path: str,
+    body: dict[str, Any],
+    prompt_tokens: int = 0,
+    headers: dict[str, str] | None = None,
+) -> RequestResult:
+    """POST ``body`` to ``path`` (``/v1/completions`` or ``/v1/chat/completions``) as a
+    stream and time it; TTFT is the first chunk that carries text."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    result = RequestResult(ok=False, start=start, prompt_tokens=len(req.prompt_token_ids))
+    result = RequestResult(ok=False, start=start, prompt_tokens=prompt_tokens)
     last = None
     chunks = 0
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as resp:
+        async with client.stream("POST", path, json=body, headers=headers) as resp:
             result.status = resp.status_code
+            result.replica = resp.headers.get("x-kvmesh-replica")
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 result.error = f"HTTP {resp.status_code}: {text[:200]}"
@@ -143,16 +159,18 @@ async def send_one(
                     result.error = f"stream error: {data['error'].get('message')}"
                     return result
                 now = time.perf_counter()
-                if data.get("choices") and data["choices"][0].get("text"):
+                if data.get("choices") and _chunk_text(data["choices"][0]):
                     if last is None:
                         result.ttft = now - start
                     else:
                         result.itl.append(now - last)
                     last = now
                     chunks += 1
-                if data.get("usage"):
-                    result.prompt_tokens = data["usage"]["prompt_tokens"]
-                    result.output_tokens = data["usage"]["completion_tokens"]
+                if usage := data.get("usage"):
+                    result.prompt_tokens = usage["prompt_tokens"]
+                    result.output_tokens = usage["completion_tokens"]
+                    details = usage.get("prompt_tokens_details") or {}
+                    result.cached_tokens = details.get("cached_tokens") or 0
         result.e2e = time.perf_counter() - start
         result.output_tokens = result.output_tokens or chunks
         result.ok = result.ttft is not None or result.output_tokens == 0
@@ -161,6 +179,11 @@ async def send_one(
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     return result
+
+
+def _chunk_text(choice: dict[str, Any]) -> str:
+    """A streamed choice's text: ``text`` (completions) or ``delta.content`` (chat)."""
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
 
 
 async def run_load(
@@ -202,7 +225,7 @@ async def run_load(
     return list(results), time.perf_counter() - start
 
 
-def _pcts(values: list[float]) -> dict[str, float | None]:
+def percentiles(values: list[float]) -> dict[str, float | None]:
     """p50/p90/p99 and mean in milliseconds (nearest-rank percentiles)."""
     if not values:
         return {"p50": None, "p90": None, "p99": None, "mean": None}
@@ -243,10 +266,10 @@ def summarize(
         "total_token_throughput": (in_tokens + out_tokens) / duration_s if duration_s else 0.0,
         "prompt_tokens": in_tokens,
         "output_tokens": out_tokens,
-        "ttft_ms": _pcts([r.ttft for r in ok if r.ttft is not None]),
-        "tpot_ms": _pcts([t for r in ok if (t := r.tpot) is not None]),
-        "itl_ms": _pcts([x for r in ok for x in r.itl]),
-        "e2e_ms": _pcts([r.e2e for r in ok if r.e2e is not None]),
+        "ttft_ms": percentiles([r.ttft for r in ok if r.ttft is not None]),
+        "tpot_ms": percentiles([t for r in ok if (t := r.tpot) is not None]),
+        "itl_ms": percentiles([x for r in ok for x in r.itl]),
+        "e2e_ms": percentiles([r.e2e for r in ok if r.e2e is not None]),
         "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms},
         "goodput": len(good) / duration_s if duration_s else 0.0,
         "slo_attainment": len(good) / len(results) if results else 0.0,

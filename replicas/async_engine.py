@@ -150,10 +150,10 @@ class AsyncLLM:
         return len(self._streams)
 
     def drain_kv_events(self):
-        result: queue.SimpleQueue = queue.SimpleQueue()
-        self._inbox.put(("events", result))
-        self._wake.set()
-        return result.get(timeout=30)
+        """KV events since the last drain. Read directly (the pool's event queue is
+        thread-safe): no wait for the engine thread, which may be inside a long prefill step
+        or dead."""
+        return self.engine.drain_kv_events()
 
     def check_health(self) -> None:
         if self._error is not None:
@@ -206,8 +206,6 @@ class AsyncLLM:
                 with self._lock:
                     self._streams.pop(cmd[1], None)
                 del out
-            elif cmd[0] == "events":
-                cmd[1].put(self.engine.drain_kv_events())
 
     def _run(self) -> None:
         try:

@@ -25,10 +25,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,32 +69,6 @@ def _replica_name(model_name: str) -> str:
         return f"{model_name}#{serve.get_replica_context().replica_id.unique_id}"
     except Exception:  # outside a replica there is no context
         return f"{model_name}#local-{uuid.uuid4().hex[:8]}"
-
-
-async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on a daemon thread. Unlike ``asyncio.to_thread`` nothing joins it later, so a
-    call stuck on an engine that died mid-call cannot hold up the event loop's shutdown."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(ok: bool, value: Any) -> None:
-        if future.done():
-            return
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
-
-    def run() -> None:
-        try:
-            result: tuple[bool, Any] = (True, fn())
-        except BaseException as exc:  # handed to the awaiting coroutine
-            result = (False, exc)
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(settle, *result)
-
-    threading.Thread(target=run, name="kvmesh-drain", daemon=True).start()
-    return await future
 
 
 class LLMServer:
@@ -284,22 +257,16 @@ class LLMServer:
         if self._cache_reporter is None:
             return {}
         # Every event goes to the reporter (it numbers them), so only this path drains them.
-        events = await self._drain_kv_events()
+        events = self._drain_kv_events()
         kv = self.engine.engine.kv
         return self._cache_reporter.report(
             events=events, snapshot_fn=kv.cached_block_hashes, load=self.engine.stats()
         )
 
-    async def _drain_kv_events(self) -> list:
-        """The engine's KV events since the last drain (none once the engine has stopped:
-        draining waits for the engine thread, which would never answer)."""
-        if self._closing:
-            return []
-        try:
-            self.engine.check_health()
-        except EngineDeadError:
-            return []
-        return await _in_daemon_thread(self.engine.drain_kv_events)
+    def _drain_kv_events(self) -> list:
+        """The engine's KV events since the last drain (thread-safe, never waits on the
+        engine thread, so a long prefill step does not delay the router's report)."""
+        return self.engine.drain_kv_events()
 
     # ---- stats push ---------------------------------------------------------------------------
     def _ensure_pusher(self) -> None:
@@ -311,7 +278,7 @@ class LLMServer:
         while not self._closing:
             try:
                 if self._cache_reporter is None:
-                    await self._drain_kv_events()
+                    self._drain_kv_events()
                 if self._hub is not None:
                     stats = self.stats()
                     await self._hub.push.remote(

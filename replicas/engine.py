@@ -355,6 +355,7 @@ class LLMEngine:
             "kv_cache_usage": self.kv.usage,
             "num_requests_running": len(self.scheduler.running),
             "num_requests_waiting": len(self.scheduler.waiting),
+            "pending_prefill_tokens": self.pending_prefill_tokens(),
             "prefix_cache_queries": self.kv.prefix_cache_queries,
             "prefix_cache_hits": self.kv.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
@@ -362,6 +363,24 @@ class LLMEngine:
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generated_tokens,
         }
+
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens admitted but not computed yet: the prefill work queued ahead of a
+        new request (what a load-aware router needs; a count of waiting requests says
+        nothing about whether they hold 20 tokens to compute or 4,000).
+
+        Waiting requests count their prompt minus what the prefix cache holds of it, looked
+        up once per request (an estimate: the cache may change before it is admitted).
+        """
+        total = 0
+        for req in self.scheduler.running:
+            total += max(req.num_prompt_tokens - req.num_computed_tokens, 0)
+        block_size = self.kv.block_size
+        for req in self.scheduler.waiting:
+            if req.cached_estimate is None:
+                req.cached_estimate = len(self.kv.find_cached_prefix(req)) * block_size
+            total += max(req.num_prompt_tokens - req.cached_estimate, 0)
+        return total
 
     def drain_kv_events(self) -> list[KVEvent]:
         return self.kv.drain_events()

@@ -33,6 +33,8 @@ class Request:
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache at first admission
     num_preemptions: int = 0
+    # Prompt tokens expected from the prefix cache while waiting (engine.stats' estimate).
+    cached_estimate: int | None = None
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -143,6 +143,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.cached_estimate = None
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.num_preemptions += 1

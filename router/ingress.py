@@ -33,6 +33,7 @@ from kvmesh.router.model_table import ModelTable
 from kvmesh.router.protocol import ChatCompletionRequest, CompletionRequest
 from kvmesh.router.replica_client import ReplicaStream, open_stream
 from kvmesh.router.response_cache import Generation, ResponseCache, cache_key
+from kvmesh.router.routing import metrics as router_metrics
 from kvmesh.router.streams import CachedStream, TokenSource, accumulate, merge
 from kvmesh.router.tokenization import ModelInfo, load_model_info
 
@@ -396,7 +397,7 @@ class Ingress:
         return all(counts.values()), counts
 
     async def metrics_text(self) -> str:
-        texts = [self.metrics.render()]
+        texts = [self.metrics.render(), router_metrics.render()]
         texts.extend(s["metrics_text"] for s in await self.replica_snapshot())
         return merge_expositions(texts)
 

@@ -111,6 +111,14 @@ class PrefixAwareRequestRouter(RequestRouter):
                 stamp(inputs.carrier, core.router_id, seq)
             key = pending_request.metadata.internal_request_id
             self._decisions[key] = _Routed(decision, inputs, seq, session_id)
+            core.reserve(
+                decision.best,
+                key,
+                inputs.block_hashes if inputs else (),
+                inputs.num_prompt_tokens if inputs else 0,
+                decision,
+                seq,
+            )
             self._decisions.move_to_end(key)
             while len(self._decisions) > _MAX_IN_FLIGHT_DECISIONS:
                 self._decisions.popitem(last=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -35,7 +35,9 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self._by_hash: dict[BlockHash, KVBlock] = {}
-        self._events: list[KVEvent] = []
+        # A deque: the engine thread appends while a replica's stats path drains from another
+        # thread; deque append/popleft are atomic, so neither waits for the other.
+        self._events: deque[KVEvent] = deque()
 
     @property
     def num_usable(self) -> int:
@@ -97,8 +99,9 @@ class BlockPool:
         self._events.append(BlockStored(block_hash, parent, n))
 
     def drain_events(self) -> list[KVEvent]:
-        events, self._events = self._events, []
-        return events
+        """Events since the last drain, oldest first (safe from any thread)."""
+        events = self._events
+        return [events.popleft() for _ in range(len(events))]
 
     def cached_hashes(self) -> set[BlockHash]:
         return set(self._by_hash)

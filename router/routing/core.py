@@ -199,13 +199,7 @@ class PrefixRouterCore:
             if replica not in self._sync:
                 return
             now = self._clock()
-            hit = decision.hit_tokens.get(replica, 0) if decision is not None else 0
-            if decision is not None and len(decision.keys) == len(block_hashes):
-                keys = decision.keys
-            else:
-                keys = [block_key(h) for h in block_hashes]
-            self.index.speculate(replica, keys, now, self.config.speculative_ttl_s)
-            self.loads.on_routed(replica, request_id, seq, num_prompt_tokens - hit, now)
+            hit = self._expect(replica, request_id, block_hashes, num_prompt_tokens, decision, seq)
             if session_id and self.config.session_affinity:
                 self._remember_session(session_id, replica, now)
             if self._metrics is not None:
@@ -217,6 +211,45 @@ class PrefixRouterCore:
                 self._metrics.index_confirmed.set(
                     sum(self.index.num_confirmed(r) for r in self._sync)
                 )
+
+    def reserve(
+        self,
+        replica: Hashable,
+        request_id: str,
+        block_hashes: Sequence[bytes],
+        num_prompt_tokens: int,
+        decision: Decision,
+        seq: int = 0,
+    ) -> None:
+        """Expect the request on the replica it was ranked first for, as soon as it is decided.
+
+        Serve may ask for a burst of decisions before it confirms any of them; without this,
+        every request of the burst sees the same idle replica. ``on_routed`` later moves the
+        load (and adds speculative blocks) wherever the request actually went.
+        """
+        with self._lock:
+            if replica in self._sync:
+                self._expect(replica, request_id, block_hashes, num_prompt_tokens, decision, seq)
+
+    def _expect(
+        self,
+        replica: Hashable,
+        request_id: str,
+        block_hashes: Sequence[bytes],
+        num_prompt_tokens: int,
+        decision: Decision | None,
+        seq: int,
+    ) -> int:
+        """Speculative cache entries and load for a request on ``replica``; its hit tokens."""
+        now = self._clock()
+        hit = decision.hit_tokens.get(replica, 0) if decision is not None else 0
+        if decision is not None and len(decision.keys) == len(block_hashes):
+            keys = decision.keys
+        else:
+            keys = [block_key(h) for h in block_hashes]
+        self.index.speculate(replica, keys, now, self.config.speculative_ttl_s)
+        self.loads.on_routed(replica, request_id, seq, num_prompt_tokens - hit, now)
+        return hit
 
     def on_completed(self, request_id: str) -> None:
         with self._lock:

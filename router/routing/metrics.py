@@ -29,7 +29,7 @@ cluster-wide as each router sees them, so with several ingress replicas take ``m
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge, generate_latest
 
 DECISIONS = Counter(
     "kvmesh:router_decisions",
@@ -93,3 +93,18 @@ class RouterMetrics:
         if child is None:
             child = self._decisions[reason] = DECISIONS.labels(self.model_name, reason)
         child.inc()
+
+
+class _RouterFamilies:
+    """The default registry seen through a filter: only this module's families."""
+
+    def collect(self):
+        for family in REGISTRY.collect():
+            if family.name.startswith("kvmesh:router"):
+                yield family
+
+
+def render() -> str:
+    """This process's router metrics as Prometheus text (the ingress adds it to ``/metrics``:
+    the router runs in the ingress process, whose own metrics live in another registry)."""
+    return generate_latest(_RouterFamilies()).decode()  # type: ignore[arg-type]

@@ -36,9 +36,8 @@ API for the replica deployment (the only calls it needs)::
 
 The returned dict is ``{"kvmesh": {...}}`` (layout in :mod:`kvmesh.router.routing.wire`); merge
 other keys beside it if the replica reports more. ``report`` is cheap (no copy of the cache
-except when a snapshot is due) and is safe to call from Serve's event loop; draining the
-engine's events is not (``AsyncLLM.drain_kv_events`` waits for the engine thread), so make
-``record_routing_stats`` async and drain in a thread.
+except when a snapshot is due) and is safe to call from Serve's event loop, as is
+``AsyncLLM.drain_kv_events`` (the block pool's event queue is thread-safe).
 
 ``load`` should include ``pending_prefill_tokens`` where the engine can count it (prompt tokens
 admitted but not yet computed): without it the router assumes ``waiting_request_tokens`` per

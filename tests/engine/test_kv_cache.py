@@ -215,3 +215,31 @@ def test_same_prefix_submitted_together_is_computed_once(make_tiny_model):
     alone = LLM(str(path), block_size=8, enable_prefix_caching=False)
     expected = alone.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_pending_prefill_tokens_counts_uncached_prompt_work(
+    make_tiny_model, assert_all_blocks_free
+):
+    """What a load-aware router reads: prompt tokens still to compute, cache hits excluded."""
+    path = make_tiny_model("llama", num_key_value_heads=2)
+    prefix, tail_a, tail_b = random_prompts(7, [40, 6, 9])
+    llm = LLM(str(path), block_size=4, max_num_batched_tokens=16)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    assert engine.stats()["pending_prefill_tokens"] == 0
+
+    engine.add_request(None, params, "a", prompt_token_ids=prefix + tail_a)
+    assert engine.stats()["pending_prefill_tokens"] == 46
+    engine.step()  # one 16-token chunk computed, 30 to go
+    assert engine.stats()["pending_prefill_tokens"] == 30
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats()["pending_prefill_tokens"] == 0
+
+    # The 40-token prefix (10 blocks of 4) is cached now: only the tail is left to compute.
+    engine.add_request(None, params, "b", prompt_token_ids=prefix + tail_b)
+    assert engine.stats()["pending_prefill_tokens"] == 9
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats()["pending_prefill_tokens"] == 0
+    assert_all_blocks_free(llm)

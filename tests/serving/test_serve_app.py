@@ -143,9 +143,15 @@ def test_two_replicas_both_serve_and_are_named(serve_app):
     assert len(seen) == 2 and all(name.startswith("tiny#") for name in seen), seen
 
 
+def reported_prefix_hits(serve_app, model: str) -> dict[str, float]:
+    return {s["replica"]: s["stats"]["prefix_cache_hits"] for s in serve_app.replicas(model)}
+
+
 def test_prefix_aware_router_keeps_a_prefix_on_one_replica(serve_app):
-    """``tiny`` runs kvmesh's router: a repeated long prefix hits one replica's cache."""
+    """``tiny`` runs kvmesh's router: a repeated long prefix hits one replica's cache, and
+    that replica's own prefix-hit counter rises by what the requests reused."""
     prefix = list(range(1000, 1064))  # four full blocks
+    hits_before = reported_prefix_hits(serve_app, "tiny")
     served, cached = [], []
     with serve_app.client() as c:
         for i in range(6):
@@ -155,6 +161,57 @@ def test_prefix_aware_router_keeps_a_prefix_on_one_replica(serve_app):
             cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
     assert len(set(served)) == 1, served
     assert cached[0] == 0 and all(n == 64 for n in cached[1:]), cached
+    home = served[0]
+    deadline = time.monotonic() + 10  # replicas push their stats every 0.2 s
+    while True:
+        gained = reported_prefix_hits(serve_app, "tiny")[home] - hits_before.get(home, 0)
+        if gained >= 5 * 64 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert gained >= 5 * 64, gained
+    # The router's decisions are on the app's /metrics: at least the five hits just made.
+    with serve_app.client() as c:
+        text = c.get("/metrics").text
+    decisions = {
+        s.labels["reason"]: s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "kvmesh:router_decisions"
+        for s in family.samples
+        if s.name.endswith("_total") and s.labels.get("model_name") == "tiny"
+    }
+    assert decisions.get("cache_hit", 0) >= 5, decisions
+
+
+async def test_prefix_aware_router_spills_when_the_prefix_replica_is_flooded(serve_app):
+    """A burst sharing one cached prefix: the replica holding it takes the first requests,
+    and once the work queued there outweighs recomputing the prefix, the rest go to the
+    other replica (the cost model's load terms, not a fallback after failures)."""
+    prefix = list(range(5000, 5064))
+    headers = {"Authorization": f"Bearer {serve_app.api_key}"}
+    async with httpx.AsyncClient(base_url=serve_app.url, headers=headers, timeout=120) as c:
+        r = await c.post(CMPL, json={"model": "tiny", "prompt": [*prefix, 1], "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        home = r.headers["x-kvmesh-replica"]
+
+        async def flood(i: int) -> tuple[str, int]:
+            body = {
+                "model": "tiny",
+                "prompt": [*prefix, 6000 + i],
+                "max_tokens": 256,
+                "ignore_eos": True,
+            }
+            r = await c.post(CMPL, json=body)
+            assert r.status_code == 200, r.text
+            cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+            return r.headers["x-kvmesh-replica"], cached
+
+        results = await asyncio.gather(*(flood(i) for i in range(24)))
+    where = collections.Counter(replica for replica, _ in results)
+    assert len(where) == 2, where  # it spilled
+    other = next(name for name in where if name != home)
+    assert where[home] > where[other], where  # but locality still won the first requests
+    # Requests on the home replica reused the prefix.
+    assert all(cached == 64 for replica, cached in results if replica == home), results
 
 
 def test_batch_prompts_give_one_choice_each(serve_app, offline):

@@ -1,0 +1,429 @@
+"""Real-run router benchmark: SmolLM2 replicas on Ray Serve, four routers, one workload.
+
+Each router gets a fresh app (fresh replicas, empty caches) and the same scripted workload:
+
+* **tenants**: ``--tenants`` groups, each with its own long system prompt (``--system-tokens``,
+  1-4k tokens, spread evenly over the range);
+* **sessions**: multi-turn chats that start as a Poisson process (``--session-rate`` per
+  second, for ``--window-s`` seconds), each with one tenant's system prompt (tenants drawn
+  with Zipf popularity, ``--tenant-zipf``; 0 is uniform) and 2-5 turns.
+  Every turn resends the whole conversation plus a new user message, so each prompt extends
+  the previous one; a turn is sent when the previous answer has arrived plus a think time
+  (exponential, ``--think-s`` mean). The assistant turns in the history are scripted (the same
+  text whatever the model said), so every router sees exactly the same prompts.
+
+Prompts are words that are single tokens in SmolLM2's vocabulary, so lengths are exact.
+Requests go through ``/v1/chat/completions`` (streamed, ``ignore_eos``, ``--output-tokens``),
+with no session header: routers get what an ordinary client sends.
+
+Routers compared, in the same run:
+
+* ``round_robin`` (kvmesh.router.baselines);
+* ``power_of_two``: Ray Serve's default ``PowerOfTwoChoicesRequestRouter``;
+* ``ray_prefix_affinity``: Ray's ``PrefixCacheAffinityRouter`` loaded without vLLM, with the
+  settings Ray's documentation shows (``imbalanced_threshold`` 10, ``match_rate_threshold``
+  0.1); it matches on the request's ``prompt`` text, which kvmesh's replica request carries;
+* ``prefix_aware``: kvmesh's router with its defaults.
+
+Reported per router: TTFT p50/p90/p99 and mean, end-to-end latency, request and token
+throughput, the prefix-cache hit rate from the replicas' own counters
+(``kvmesh:prefix_cache_hits`` / ``kvmesh:prefix_cache_queries`` over the run), how requests
+spread over replicas, and errors. ``--kv-blocks`` sizes each replica's KV cache: by default
+one replica holds about half the tenants' system prompts, so the fleet only caches them all if
+the router partitions tenants (the situation prefix-aware routing exists for: a working set
+larger than one replica's cache).
+
+Run on an idle machine; it takes ~5 minutes per router with the defaults:
+
+    .venv/bin/python bench/router_real.py                 # all four routers
+    .venv/bin/python bench/router_real.py --smoke         # a short wiring check
+
+Writes bench/out/router_real.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvmesh.cluster import loadgen
+from kvmesh.cluster.config import AppConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_bench import free_port
+
+OUT = Path(__file__).parent / "out"
+MODEL = "bench"
+PCAR = (
+    "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:"
+    "PrefixCacheAffinityRouter"
+)
+ROUTERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "round_robin": ("round_robin", {}),
+    "power_of_two": ("power_of_two", {}),
+    "ray_prefix_affinity": (PCAR, {"imbalanced_threshold": 10, "match_rate_threshold": 0.1}),
+    "prefix_aware": ("prefix_aware", {}),
+}
+
+
+# ---- the workload ----------------------------------------------------------------------------
+def single_token_words(seed: int = 0, limit: int = 4000) -> list[str]:
+    """Alphabetic words that SmolLM2's tokenizer encodes as one token each (with their
+    leading space), so a text of N of them is N tokens."""
+    from tokenizers import Tokenizer
+
+    from kvmesh.replicas.model_files import resolve_model_dir
+
+    tok = Tokenizer.from_file(str(resolve_model_dir(None) / "tokenizer.json"))
+    words = sorted(
+        t[1:] for t in tok.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and len(t) > 3
+    )
+    rng = random.Random(seed)
+    rng.shuffle(words)
+    chosen = [w for w in words if len(tok.encode(" " + w, add_special_tokens=False).ids) == 1]
+    return chosen[:limit]
+
+
+@dataclass
+class Turn:
+    user: str
+    assistant: str
+    """Scripted reply put into the history of the following turns."""
+
+
+@dataclass
+class Session:
+    tenant: int
+    start_s: float
+    turns: list[Turn]
+    think_s: list[float]
+
+
+@dataclass
+class Workload:
+    system_prompts: list[str]
+    sessions: list[Session]
+
+
+def make_workload(args: argparse.Namespace) -> Workload:
+    rng = random.Random(args.seed)
+    words = single_token_words(args.seed)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    lo, hi = args.system_tokens
+    n = args.tenants
+    lengths = [lo + (hi - lo) * i // max(n - 1, 1) for i in range(n)]
+    systems = [f"Tenant {i} instructions. " + text(length) for i, length in enumerate(lengths)]
+    # Zipf popularity: tenant i gets weight 1 / (i + 1)^s (s = 0: uniform). Tenants are
+    # ordered by prompt length, so with s > 0 the shortest prompt is the most requested.
+    popularity = [1.0 / (i + 1) ** args.tenant_zipf for i in range(n)]
+    sessions, t = [], 0.0
+    while True:
+        t += rng.expovariate(args.session_rate)
+        if t > args.window_s:
+            break
+        turns = [
+            Turn(text(rng.randint(*args.user_tokens)), text(rng.randint(*args.user_tokens)))
+            for _ in range(rng.randint(*args.turns))
+        ]
+        think = [rng.expovariate(1.0 / args.think_s) for _ in turns]
+        tenant = rng.choices(range(n), weights=popularity)[0]
+        sessions.append(Session(tenant, t, turns, think))
+    return Workload(systems, sessions)
+
+
+# ---- running it --------------------------------------------------------------------------------
+@dataclass
+class Sent:
+    session: int
+    turn: int
+    tenant: int
+    result: loadgen.RequestResult = field(repr=False)
+
+
+async def run_sessions(
+    url: str, work: Workload, output_tokens: int, timeout_s: float
+) -> tuple[list[Sent], float]:
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
+    sent: list[Sent] = []
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def session(idx: int, s: Session) -> None:
+            await asyncio.sleep(max(0.0, s.start_s - (time.perf_counter() - t0)))
+            messages: list[dict[str, str]] = [
+                {"role": "system", "content": work.system_prompts[s.tenant]}
+            ]
+            for k, turn in enumerate(s.turns):
+                messages.append({"role": "user", "content": turn.user})
+                body = {
+                    "model": MODEL,
+                    "messages": messages,
+                    "max_tokens": output_tokens,
+                    "temperature": 0.0,
+                    "ignore_eos": True,
+                }
+                result = await loadgen.stream_request(client, "/v1/chat/completions", body)
+                sent.append(Sent(idx, k, s.tenant, result))
+                if not result.ok:
+                    return  # the conversation cannot go on without its answer
+                messages.append({"role": "assistant", "content": turn.assistant})
+                await asyncio.sleep(s.think_s[k])
+
+        await asyncio.gather(*(session(i, s) for i, s in enumerate(work.sessions)))
+        return sent, time.perf_counter() - t0
+
+
+def metric_sums(url: str) -> dict[str, float]:
+    """Counter totals from the app's merged ``/metrics`` (replica and router families)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith(("kvmesh:prefix_cache", "kvmesh:router_")):
+            continue
+        for s in family.samples:
+            if s.name.endswith("_total"):
+                key = s.name
+                if "reason" in s.labels:
+                    key += f"{{reason={s.labels['reason']}}}"
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def app_config(args: argparse.Namespace, router: str, port: int) -> AppConfig:
+    request_router, options = ROUTERS[router]
+    return AppConfig.model_validate(
+        {
+            "name": f"rb-{router.replace('_', '-')}",
+            "port": port,
+            "models": [
+                {
+                    "name": MODEL,
+                    "engine": {
+                        "model": args.model,
+                        "dtype": "float32",
+                        "max_model_len": 8192,
+                        "max_num_seqs": 32,
+                        "max_num_batched_tokens": args.chunk_tokens,
+                        "num_kv_blocks": args.kv_blocks,
+                    },
+                    "replicas": args.replicas,
+                    "num_cpus": 0.5,
+                    "torch_threads": args.torch_threads,
+                    "max_pending_requests": 1024,
+                    "max_ongoing_requests": 64,
+                    "max_queued_requests": 4096,
+                    "graceful_shutdown_timeout_s": 5.0,
+                    "request_router": request_router,
+                    "router_options": options,
+                }
+            ],
+        }
+    )
+
+
+def warm_up(url: str, replicas: int) -> None:
+    """First-call costs (kernel load, allocator) out of the measurement, caches kept clean:
+    short prompts no workload prompt starts with. Text, not token ids: Ray's
+    PrefixCacheAffinityRouter needs a prompt text and fails requests without one."""
+    with httpx.Client(base_url=url, timeout=120) as c:
+        for i in range(4 * replicas):
+            r = c.post(
+                "/v1/completions",
+                json={"model": MODEL, "prompt": f"Warm-up number {i}.", "max_tokens": 2},
+            )
+            r.raise_for_status()
+
+
+def summarize(
+    sent: list[Sent], duration: float, before: dict[str, float], after: dict[str, float]
+) -> dict[str, Any]:
+    results = [s.result for s in sent]
+    summary = loadgen.summarize(results, duration)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    queries = delta.get("kvmesh:prefix_cache_queries_total", 0.0)
+    hits = delta.get("kvmesh:prefix_cache_hits_total", 0.0)
+    ok = [r for r in results if r.ok]
+    cached = sum(r.cached_tokens for r in ok)
+    prompt = sum(r.prompt_tokens for r in ok)
+    summary.update(
+        {
+            "replica_prefix_hit_rate": hits / queries if queries else None,
+            "replica_prefix_queries": queries,
+            "request_cached_fraction": cached / prompt if prompt else None,
+            "requests_per_replica": dict(Counter(r.replica for r in ok)),
+            "router_metrics": {k: v for k, v in delta.items() if k.startswith("kvmesh:router")},
+            "first_turn_ttft_ms": loadgen.percentiles(
+                [s.result.ttft for s in sent if s.turn == 0 and s.result.ttft is not None]
+            ),
+            "later_turn_ttft_ms": loadgen.percentiles(
+                [s.result.ttft for s in sent if s.turn > 0 and s.result.ttft is not None]
+            ),
+        }
+    )
+    return summary
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from kvmesh.cluster.app import build_app
+    from kvmesh.cluster.serve_cmd import wait_until_ready
+
+    work = make_workload(args)
+    n_requests = sum(len(s.turns) for s in work.sessions)
+    print(
+        f"# workload: {len(work.sessions)} sessions, {n_requests} requests, "
+        f"{args.tenants} tenants, system prompts {args.system_tokens} tokens",
+        flush=True,
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    runs: dict[str, Any] = {}
+    try:
+        for router in args.routers:
+            config = app_config(args, router, port)
+            started = time.perf_counter()
+            serve.run(build_app(config), name=config.name, route_prefix="/")
+            wait_until_ready(url, timeout_s=600, log=lambda *_: None)
+            warm_up(url, args.replicas)
+            print(f"# {router}: ready in {time.perf_counter() - started:.0f}s", flush=True)
+            before = metric_sums(url)
+            sent, duration = asyncio.run(
+                run_sessions(url, work, args.output_tokens, args.timeout_s)
+            )
+            time.sleep(2.5)  # let the replicas push their last counters
+            summary = summarize(sent, duration, before, metric_sums(url))
+            runs[router] = summary
+            print(f"{router}: {one_line(summary)}", flush=True)
+            serve.delete(config.name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpus": os.cpu_count(),
+        "args": {k: v for k, v in vars(args).items() if k != "routers"},
+        "workload": {
+            "sessions": len(work.sessions),
+            "requests": n_requests,
+            "system_prompt_tokens": [len(p.split()) for p in work.system_prompts],
+            "tenant_of_session": [s.tenant for s in work.sessions],
+        },
+        "runs": runs,
+    }
+
+
+def one_line(s: dict[str, Any]) -> str:
+    t = s["ttft_ms"]
+    rate = s["replica_prefix_hit_rate"]
+    return (
+        f"{s['completed']}/{s['requests']} ok | TTFT p50 {_f(t['p50'])} p90 {_f(t['p90'])} "
+        f"ms | {s['request_throughput']:.2f} req/s, {s['total_token_throughput']:.0f} tok/s | "
+        f"hit rate {'-' if rate is None else f'{rate:.1%}'} | {s['requests_per_replica']}"
+    )
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    w = report["workload"]
+    lines = [
+        f"{report['date']}, {report['cpus']} CPUs, {report['args']['replicas']} replicas x "
+        f"{report['args']['torch_threads']} thread(s), KV {report['args']['kv_blocks']} blocks "
+        f"per replica, tenant Zipf {report['args']['tenant_zipf']}; "
+        f"{w['sessions']} sessions / {w['requests']} requests, system prompts "
+        f"{w['system_prompt_tokens']} tokens",
+        "",
+        "| router | ok | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | later turns p90 ms "
+        "| req/s | tok/s | replica hit rate | per replica |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in report["runs"].items():
+        t, later = s["ttft_ms"], s["later_turn_ttft_ms"]
+        rate = s["replica_prefix_hit_rate"]
+        lines.append(
+            f"| {name} | {s['completed']}/{s['requests']} | {_f(t['p50'])} | {_f(t['p90'])} | "
+            f"{_f(t['p99'])} | {_f(later['p90'])} | {s['request_throughput']:.2f} | "
+            f"{s['total_token_throughput']:.0f} | {'-' if rate is None else f'{rate:.1%}'} | "
+            f"{sorted(s['requests_per_replica'].values(), reverse=True)} |"
+        )
+    runs = report["runs"]
+    if "prefix_aware" in runs:
+        ours = runs["prefix_aware"]["ttft_ms"]["p90"]
+        lines.append("")
+        for other in ("ray_prefix_affinity", "power_of_two", "round_robin"):
+            theirs = runs.get(other, {}).get("ttft_ms", {}).get("p90")
+            if ours and theirs:
+                lines.append(f"- TTFT p90 prefix_aware / {other}: {ours / theirs:.2f}x")
+    return "\n".join(lines) + "\n"
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(",")
+    return int(lo), int(hi or lo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model dir (default: embedded SmolLM2)")
+    p.add_argument("--routers", default=",".join(ROUTERS))
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--kv-blocks", type=int, default=384, help="per replica, 16 tokens each")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="max_num_batched_tokens")
+    p.add_argument("--tenants", type=int, default=4)
+    p.add_argument(
+        "--tenant-zipf", type=float, default=1.0, help="tenant popularity skew (0 = uniform)"
+    )
+    p.add_argument("--system-tokens", type=_range, default=(1024, 3072))
+    p.add_argument("--user-tokens", type=_range, default=(40, 100))
+    p.add_argument("--turns", type=_range, default=(2, 5))
+    p.add_argument("--output-tokens", type=int, default=16)
+    p.add_argument("--session-rate", type=float, default=0.4, help="sessions per second")
+    p.add_argument("--think-s", type=float, default=3.0)
+    p.add_argument("--window-s", type=float, default=150.0, help="sessions start within it")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="per request")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny settings: checks the wiring")
+    p.add_argument("--out", default=str(OUT / "router_real"), help="output path stem")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.system_tokens, args.tenants, args.window_s = (128, 256), 2, 10.0
+        args.session_rate, args.think_s = 0.5, 0.5
+        args.out += "_smoke"
+    args.routers = args.routers.split(",")
+    unknown = sorted(set(args.routers) - set(ROUTERS))
+    if unknown:
+        p.error(f"unknown routers {unknown}; choose from {sorted(ROUTERS)}")
+    report = run(args)
+    stem = Path(args.out)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {stem}.json / .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
