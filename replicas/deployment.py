@@ -257,16 +257,11 @@ class LLMServer:
         if self._cache_reporter is None:
             return {}
         # Every event goes to the reporter (it numbers them), so only this path drains them.
-        events = self._drain_kv_events()
+        events = self.engine.drain_kv_events()
         kv = self.engine.engine.kv
         return self._cache_reporter.report(
             events=events, snapshot_fn=kv.cached_block_hashes, load=self.engine.stats()
         )
-
-    def _drain_kv_events(self) -> list:
-        """The engine's KV events since the last drain (thread-safe, never waits on the
-        engine thread, so a long prefill step does not delay the router's report)."""
-        return self.engine.drain_kv_events()
 
     # ---- stats push ---------------------------------------------------------------------------
     def _ensure_pusher(self) -> None:
@@ -278,7 +273,7 @@ class LLMServer:
         while not self._closing:
             try:
                 if self._cache_reporter is None:
-                    self._drain_kv_events()
+                    self.engine.drain_kv_events()  # thread-safe, never waits
                 if self._hub is not None:
                     stats = self.stats()
                     await self._hub.push.remote(

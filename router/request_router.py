@@ -142,6 +142,7 @@ class PrefixAwareRequestRouter(RequestRouter):
             routed.decision,
             routed.seq,
             routed.session_id,
+            reserved=routed.decision.best,
         )
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:

@@ -193,13 +193,22 @@ class PrefixRouterCore:
         decision: Decision | None,
         seq: int = 0,
         session_id: str | None = None,
+        reserved: Hashable | None = None,
     ) -> None:
-        """The request went to ``replica``: expect its blocks there, count its load."""
+        """The request went to ``replica``: expect its blocks there, count its load.
+
+        ``reserved``: where :meth:`reserve` already put it; landing there needs no new entries.
+        """
         with self._lock:
             if replica not in self._sync:
                 return
             now = self._clock()
-            hit = self._expect(replica, request_id, block_hashes, num_prompt_tokens, decision, seq)
+            if replica == reserved and decision is not None:
+                hit = decision.hit_tokens.get(replica, 0)
+            else:
+                hit = self._expect(
+                    replica, request_id, block_hashes, num_prompt_tokens, decision, seq
+                )
             if session_id and self.config.session_affinity:
                 self._remember_session(session_id, replica, now)
             if self._metrics is not None:

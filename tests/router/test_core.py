@@ -233,6 +233,33 @@ def test_own_unacknowledged_requests_count_as_load_until_acked():
     assert core.loads.num_pending(d.best) == 0
 
 
+def test_burst_decided_before_any_confirmation_sees_its_own_reservations():
+    """Serve may ask for many decisions before confirming one: each reserved decision
+    counts as load and cache at once, so a burst on one cached prefix fills its replica
+    first and then spills; a request that lands elsewhere moves its load there."""
+    clock = FakeClock()
+    core, reps = _setup(names=("home", "other"), clock=clock)
+    prefix = prompt(14, 64)
+    core.apply_report("home", reps["home"].report(stored(hashes(prefix))))
+    chosen = []
+    for i in range(12):
+        p = prefix + [50_000 + i]
+        d = _route(core, p)
+        core.reserve(d.best, f"q{i}", hashes(p), len(p), d, core.next_seq())
+        chosen.append(d.best)
+    assert chosen[0] == "home" and "other" in chosen, chosen
+    assert chosen.count("home") > chosen.count("other"), chosen
+    # Without reservations every one of them would have gone home.
+    first_other = chosen.index("other")
+    assert all(r == "home" for r in chosen[:first_other])
+
+    # q0 was reserved at home but Serve sent it to the other replica: its load moves.
+    before_home = core.loads.num_pending("home")
+    d0 = _route(core, prefix + [50_000])
+    core.on_routed("other", "q0", hashes(prefix + [50_000]), 65, d0, 1, reserved="home")
+    assert core.loads.num_pending("home") == before_home - 1
+
+
 def test_unacknowledged_load_falls_back_to_ttl_and_completion():
     clock = FakeClock()
     core, _ = _setup(names=("a",), clock=clock, pending_ttl_s=5.0)
