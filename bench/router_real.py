@@ -206,6 +206,8 @@ def metric_sums(url: str) -> dict[str, float]:
 
 def app_config(args: argparse.Namespace, router: str, port: int) -> AppConfig:
     request_router, options = ROUTERS[router]
+    if router == "prefix_aware":
+        options = {**options, **args.prefix_aware_options}
     return AppConfig.model_validate(
         {
             "name": f"rb-{router.replace('_', '-')}",
@@ -404,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-s", type=float, default=150.0, help="sessions start within it")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per request")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--prefix-aware-options",
+        type=json.loads,
+        default={},
+        help="RouterConfig overrides for kvmesh's router, JSON (e.g. '{\"kv_penalty\": 0}')",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks the wiring")
     p.add_argument("--out", default=str(OUT / "router_real"), help="output path stem")
     args = p.parse_args(argv)
