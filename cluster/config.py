@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from kvmesh.replicas.config import EngineArgs
 from kvmesh.replicas.deployment import ReplicaOptions
+from kvmesh.router.auth import check_api_key
+from kvmesh.router.limits import RequestLimits
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 ROUTERS = {
@@ -49,6 +51,18 @@ class ModelConfig(_Strict):
     max_ongoing_requests: int = Field(default=64, ge=1, description="Serve's per-replica cap.")
     max_queued_requests: int = Field(
         default=512, ge=1, description="Requests queued for this model's replicas; more get 503."
+    )
+    max_queue_delay_s: float | None = Field(
+        default=30.0,
+        gt=0,
+        description="A replica refuses (429) requests it expects to wait longer than this "
+        "for prefill; null admits everything up to max_pending_requests.",
+    )
+    watchdog_s: float | None = Field(
+        default=120.0,
+        gt=0,
+        description="A replica with requests in flight and no engine step finished for this "
+        "long reports itself unhealthy (Serve replaces it).",
     )
     graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0)
     health_check_period_s: float = Field(default=2.0, gt=0)
@@ -116,6 +130,8 @@ class ModelConfig(_Strict):
     def replica_options(self, app: AppConfig) -> dict[str, Any]:
         return ReplicaOptions(
             max_pending_requests=self.max_pending_requests,
+            max_queue_delay_s=self.max_queue_delay_s,
+            watchdog_s=self.watchdog_s,
             torch_threads=self.torch_threads,
             stats_push_period_s=app.stats_push_period_s,
             shutdown_timeout_s=self.graceful_shutdown_timeout_s,
@@ -141,11 +157,7 @@ class AliasConfig(_Strict):
 class ResponseCacheConfig(_Strict):
     enabled: bool = False
     max_entries: int = Field(default=1024, ge=1)
-
-
-class LimitsConfig(_Strict):
-    max_request_bytes: int = Field(default=1 << 20, ge=1024)
-    retry_after_s: int = Field(default=1, ge=0)
+    max_bytes: int = Field(default=64 << 20, ge=1, description="Approximate memory bound.")
 
 
 class AppConfig(_Strict):
@@ -157,15 +169,29 @@ class AppConfig(_Strict):
     route_prefix: str = "/"
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name=default_name())])
     aliases: list[AliasConfig] = Field(default_factory=list)
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="For `kvmesh serve` only; never written by build-config (use "
+        "KVMESH_API_KEYS or api_keys_file on a cluster).",
+    )
+    api_keys_file: str | None = Field(
+        default=None, description="A file with one API key per line, read by the ingress."
+    )
     response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
     ingress_replicas: int = Field(default=1, ge=1)
     stats_push_period_s: float = Field(default=0.5, gt=0)
     debug_hooks: bool = Field(
         default=False,
         description="Test-only: a request header can make its replica exit mid-stream.",
     )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        for key in value:
+            check_api_key(key, "api_keys")
+        return value
 
     @model_validator(mode="after")
     def _names(self) -> AppConfig:
@@ -192,11 +218,12 @@ class AppConfig(_Strict):
             "models": {m.name: m.engine.model_dump(exclude_defaults=True) for m in self.models},
             "aliases": {a.name: dict(a.weights) for a in self.aliases},
             "api_keys": list(self.api_keys),
+            "api_keys_file": self.api_keys_file,
             "response_cache_entries": (
                 self.response_cache.max_entries if self.response_cache.enabled else 0
             ),
-            "max_request_bytes": self.limits.max_request_bytes,
-            "retry_after_s": self.limits.retry_after_s,
+            "response_cache_bytes": self.response_cache.max_bytes,
+            "limits": self.limits.model_dump(),
             "debug_hooks": self.debug_hooks,
         }
 

@@ -83,8 +83,19 @@ def config_from_args(
 
 # ---- build-config -------------------------------------------------------------------------
 def serve_config(config: AppConfig) -> dict[str, Any]:
-    """The Ray Serve config (``ServeDeploySchema``) that deploys ``config``."""
+    """The Ray Serve config (``ServeDeploySchema``) that deploys ``config``.
+
+    API keys are never written into it: a Serve config is shown by ``serve status`` and the
+    dashboard, and ends up in version control. Keys reach a cluster through ``KVMESH_API_KEYS``
+    (the Ray runtime environment or the pod spec's secret) or ``api_keys_file``.
+    """
     from kvmesh.cluster.app import IMPORT_PATH
+
+    if config.api_keys:
+        raise ValueError(
+            "api_keys would be written into the Serve config in clear text: remove them and "
+            "set KVMESH_API_KEYS on the cluster (or api_keys_file: a file of keys on each node)"
+        )
 
     return {
         "proxy_location": "EveryNode",
@@ -147,8 +158,15 @@ def check_serve_config(data: dict[str, Any]) -> list[str]:
         problems.append(f"ServeDeploySchema: {exc}")
     for app in data.get("applications") or []:
         if isinstance(app, dict) and app.get("import_path") == IMPORT_PATH:
+            args = app.get("args") or {}
+            if isinstance(args, dict) and args.get("api_keys"):
+                problems.append(
+                    f"application {app.get('name')!r} args: api_keys in a Serve config are "
+                    "readable by anyone who can read the config; use KVMESH_API_KEYS or "
+                    "api_keys_file"
+                )
             try:
-                AppConfig.model_validate(app.get("args") or {})
+                AppConfig.model_validate(args)
             except Exception as exc:
                 problems.append(f"application {app.get('name')!r} args: {exc}")
     return problems

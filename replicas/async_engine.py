@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,11 @@ from kvmesh.replicas.outputs import RequestOutput
 from kvmesh.replicas.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+ENGINE_DEAD_MESSAGE = "the replica's engine failed and is being replaced; retry"
+"""What callers see; the cause is in the replica's log (it may hold internals)."""
+MIN_RATE_SAMPLE_TOKENS = 32
+"""Steps with fewer prompt tokens than this say little about the prefill rate."""
 
 
 def build_engine(args: EngineArgs) -> LLMEngine:
@@ -41,6 +47,18 @@ class EngineDeadError(RuntimeError):
 
 class EngineOverloadedError(RuntimeError):
     """Too many requests are queued; retry later (HTTP 429/503)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while processing this one request; the others carry on.
+
+    The message is safe to show a client (an error id, no internals); the log has the rest.
+    """
+
+
+DEFAULT_WATCHDOG_S = 120.0
+"""With requests in flight, no engine step finishing for this long means the engine is stuck.
+Longer than any legitimate step: a full prefill chunk of a large model on a CPU core."""
 
 
 @dataclass
@@ -63,10 +81,18 @@ class AsyncLLM:
         args: EngineArgs | None = None,
         max_pending_requests: int | None = None,
         engine: LLMEngine | None = None,
+        max_queue_delay_s: float | None = None,
+        watchdog_s: float | None = DEFAULT_WATCHDOG_S,
         **kwargs: Any,
     ) -> None:
         self.engine = engine or build_engine(args or EngineArgs(**kwargs))
         self.max_pending_requests = max_pending_requests
+        self.max_queue_delay_s = max_queue_delay_s
+        self.watchdog_s = watchdog_s
+        # Prompt tokens the engine computes per second (EWMA over steps with real prefill
+        # work): turns queued prefill tokens into an expected wait for admission control.
+        self._prefill_rate: float | None = None
+        self._last_progress = time.monotonic()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -112,6 +138,10 @@ class AsyncLLM:
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
+            # Checked under the lock the dying engine thread takes to fail every stream, so a
+            # request is either refused here or failed there: never left waiting on a dead loop.
+            if self._error is not None:
+                raise EngineDeadError(ENGINE_DEAD_MESSAGE)
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             if (
@@ -121,6 +151,7 @@ class AsyncLLM:
                 raise EngineOverloadedError(
                     f"{len(self._streams)} requests in flight (limit {self.max_pending_requests})"
                 )
+            self._check_queue_delay(len(ids))
             self._streams[request_id] = stream
         self._inbox.put(_Add(request_id, ids, text, params))
         self._wake.set()
@@ -142,6 +173,25 @@ class AsyncLLM:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def expected_queue_delay_s(self, num_prompt_tokens: int = 0) -> float | None:
+        """Seconds until a new prompt of that length would be fully prefilled, from the
+        prefill work already queued and the engine's measured prefill rate (None: unknown)."""
+        if self._prefill_rate is None:
+            return None
+        queued = self._stats.get("pending_prefill_tokens", 0) + num_prompt_tokens
+        return queued / self._prefill_rate
+
+    def _check_queue_delay(self, num_prompt_tokens: int) -> None:
+        """Shed at the door rather than queue a request that would wait past its useful life."""
+        if self.max_queue_delay_s is None or not self._streams:
+            return
+        delay = self.expected_queue_delay_s(num_prompt_tokens)
+        if delay is not None and delay > self.max_queue_delay_s:
+            raise EngineOverloadedError(
+                f"expected queueing delay {delay:.1f}s exceeds the limit of "
+                f"{self.max_queue_delay_s:g}s (max_queue_delay_s)"
+            )
+
     def stats(self) -> dict[str, Any]:
         """Counters as of the last step (read without stopping the engine)."""
         return dict(self._stats)
@@ -156,10 +206,19 @@ class AsyncLLM:
         return self.engine.drain_kv_events()
 
     def check_health(self) -> None:
+        """Raise ``EngineDeadError`` if the engine cannot serve: its loop died or stopped, a
+        tensor-parallel worker is lost, or (watchdog) it holds requests but no step has
+        finished for ``watchdog_s``."""
         if self._error is not None:
-            raise EngineDeadError(f"engine loop died: {self._error!r}") from self._error
+            raise EngineDeadError(ENGINE_DEAD_MESSAGE) from self._error
         if not self._thread.is_alive():
             raise EngineDeadError("engine loop is not running")
+        stalled = time.monotonic() - self._last_progress
+        if self.watchdog_s is not None and self._streams and stalled > self.watchdog_s:
+            raise EngineDeadError(
+                f"engine stalled: no step finished in {stalled:.0f}s with "
+                f"{len(self._streams)} requests in flight (watchdog {self.watchdog_s:g}s)"
+            )
         self.engine.check_health()  # tensor-parallel workers alive and answering
 
     async def shutdown(self, timeout_s: float = 30.0) -> None:
@@ -168,14 +227,17 @@ class AsyncLLM:
         deadline = time.monotonic() + timeout_s
         while self._streams and time.monotonic() < deadline and self._thread.is_alive():
             await asyncio.sleep(0.05)
-        for request_id in list(self._streams):
-            self.abort(request_id)
+        # Whoever still waits gets a clear error now (the engine thread may be stuck or dead,
+        # so this does not go through it); the aborts then free the blocks.
+        self._fail_streams(EngineOverloadedError("the replica shut down before this finished"))
         self._stop.set()
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
 
     # ---- the engine thread --------------------------------------------------------------
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, RequestOutput) and item.error is not None:
+            item = RequestFailedError(item.error)
         with self._lock:
             stream = self._streams.get(request_id)
             done = isinstance(item, BaseException) or item.finished
@@ -201,6 +263,15 @@ class AsyncLLM:
                     )
                 except ValueError as exc:
                     self._deliver(cmd.request_id, exc)
+                except Exception:  # this request's fault alone
+                    error_id = uuid.uuid4().hex[:12]
+                    log.exception("adding %s failed (error id %s)", cmd.request_id, error_id)
+                    self._deliver(
+                        cmd.request_id,
+                        RequestFailedError(
+                            f"the server failed to start this request (error id {error_id})"
+                        ),
+                    )
             elif cmd[0] == "abort":
                 out = self.engine.abort_request(cmd[1])
                 with self._lock:
@@ -212,18 +283,42 @@ class AsyncLLM:
             while not self._stop.is_set():
                 self._drain_inbox()
                 if self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
+                    t0 = time.monotonic()
+                    outputs = self.engine.step()
+                    self._observe_step(time.monotonic() - t0)
+                    for out in outputs:
                         self._deliver(out.request_id, out)
                     self._stats = self.engine.stats()
                 else:
                     self._stats = self.engine.stats()
+                    self._last_progress = time.monotonic()
                     self._wake.wait(0.05)
                     self._wake.clear()
         except BaseException as exc:
             log.exception("engine loop died")
-            self._error = exc
-            err = EngineDeadError(f"engine loop died: {exc!r}")
-            with self._lock:
-                ids = list(self._streams)
-            for request_id in ids:
-                self._deliver(request_id, err)
+            self._fail_streams(EngineDeadError(ENGINE_DEAD_MESSAGE), error=exc)
+        else:
+            self._drain_inbox()  # the aborts of a shutdown: their blocks go back to the pool
+            self._fail_streams(EngineDeadError("the engine stopped"))
+
+    def _observe_step(self, seconds: float) -> None:
+        self._last_progress = time.monotonic()
+        tokens = self.engine.last_step_prefill_tokens
+        if tokens >= MIN_RATE_SAMPLE_TOKENS and seconds > 0:
+            rate = tokens / seconds
+            old = self._prefill_rate
+            self._prefill_rate = rate if old is None else 0.8 * old + 0.2 * rate
+
+    def _fail_streams(self, err: BaseException, error: BaseException | None = None) -> None:
+        """End every open stream with ``err``; with ``error``, also mark the engine dead (under
+        the same lock ``generate`` registers under, so no stream is added after this)."""
+        with self._lock:
+            if error is not None:
+                self._error = error
+            streams = list(self._streams.items())
+            self._streams.clear()
+        for request_id, stream in streams:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
+            self._inbox.put(("abort", request_id))
+        self._wake.set()

@@ -32,7 +32,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvmesh.replicas.async_engine import AsyncLLM, EngineDeadError, EngineOverloadedError
+from kvmesh.replicas.async_engine import (
+    DEFAULT_WATCHDOG_S,
+    AsyncLLM,
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestFailedError,
+)
 from kvmesh.replicas.config import EngineArgs
 from kvmesh.replicas.outputs import RequestOutput
 from kvmesh.replicas.replica_metrics import ReplicaMetrics
@@ -48,6 +54,16 @@ class ReplicaOptions(BaseModel):
 
     max_pending_requests: int | None = Field(
         default=256, ge=1, description="Requests admitted to the engine at once; more get 429."
+    )
+    max_queue_delay_s: float | None = Field(
+        default=30.0,
+        gt=0,
+        description="Refuse (429) a request whose expected wait for prefill exceeds this.",
+    )
+    watchdog_s: float | None = Field(
+        default=DEFAULT_WATCHDOG_S,
+        gt=0,
+        description="Unhealthy when requests are in flight and no step finished for this long.",
     )
     torch_threads: int | None = Field(default=None, ge=1)
     stats_push_period_s: float = Field(default=0.5, gt=0)
@@ -87,7 +103,12 @@ class LLMServer:
         # The served name is also the block-hash extra key: the ingress hashes with it too.
         args = EngineArgs.model_validate({**engine_args, "served_model_name": model_name})
         self.model_name = model_name
-        self.engine = AsyncLLM(args, max_pending_requests=self.options.max_pending_requests)
+        self.engine = AsyncLLM(
+            args,
+            max_pending_requests=self.options.max_pending_requests,
+            max_queue_delay_s=self.options.max_queue_delay_s,
+            watchdog_s=self.options.watchdog_s,
+        )
         self.replica = _replica_name(model_name)
         self.metrics = ReplicaMetrics(model_name, self.replica)
         self._hub = stats_hub
@@ -111,6 +132,8 @@ class LLMServer:
             return
         if self._cache_reporter is not None:
             self._cache_reporter.on_request(req)
+        if self.options.debug_hooks and req.debug_fault is not None:
+            self._inject_fault(req)
         params = req.params
         if params.max_tokens is None:
             # "As many as fit": bounded by the context and by the whole KV cache.
@@ -147,7 +170,7 @@ class LLMServer:
                     return
                 self._maybe_crash(req, sent)
                 out = await anext(stream)
-        except (ValueError, EngineOverloadedError, EngineDeadError) as exc:
+        except (ValueError, EngineOverloadedError, EngineDeadError, RequestFailedError) as exc:
             yield self._error_for(exc)
         finally:
             if not first.done():
@@ -180,7 +203,33 @@ class LLMServer:
             return self._error(kind, str(exc))
         if isinstance(exc, EngineDeadError):
             return self._error("engine_dead", str(exc))
-        return self._error("internal", f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, RequestFailedError):
+            return self._error("request_failed", str(exc))
+        # Anything else is a bug: its text may hold internals, so the log keeps it.
+        error_id = uuid.uuid4().hex[:12]
+        log.error("replica error (error id %s)", error_id, exc_info=exc)
+        return self._error("internal", f"internal error (error id {error_id})")
+
+    def _inject_fault(self, req: ReplicaRequest) -> None:
+        """Test-only fault injection (``debug_hooks``), for the fault-isolation tests."""
+        engine = self.engine.engine
+        if req.debug_fault == "request":
+            doomed = req.request_id
+
+            def injector(phase: str, request: Any) -> None:
+                if request.request_id == doomed and phase == "sample":
+                    raise RuntimeError("debug hook: injected request fault")
+
+            engine.fault_injector = injector
+        elif req.debug_fault == "engine":
+            execute = engine.runner.execute
+
+            def broken(inputs: Any) -> Any:
+                engine.runner.execute = execute
+                raise RuntimeError("debug hook: injected engine fault")
+
+            engine.runner.execute = broken
+        log.warning("debug hook: %s fault injected by %s", req.debug_fault, req.request_id)
 
     def _maybe_crash(self, req: ReplicaRequest, sent: int) -> None:
         if (
@@ -206,8 +255,11 @@ class LLMServer:
         return {k: float(v) for k, v in self.load().items()}
 
     def load(self) -> dict[str, Any]:
+        """Load figures; a replica whose engine cannot serve says so (``healthy`` 0) rather
+        than reporting its last, idle-looking numbers."""
         s = self.engine.stats()
         return {
+            "healthy": int(self.healthy()),
             "num_waiting": s["num_requests_waiting"],
             "num_running": s["num_requests_running"],
             "num_in_flight": self.engine.num_in_flight(),
@@ -216,11 +268,19 @@ class LLMServer:
             "kv_blocks_total": s["kv_blocks_total"],
         }
 
+    def healthy(self) -> bool:
+        try:
+            self.engine.check_health()
+        except Exception:
+            return False
+        return True
+
     def stats(self) -> dict[str, Any]:
         """Engine counters plus identity, for ``/debug/replicas`` and tests."""
         return {
             "replica": self.replica,
             "model": self.model_name,
+            "healthy": self.healthy(),
             "num_in_flight": self.engine.num_in_flight(),
             **self.engine.stats(),
         }

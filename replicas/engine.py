@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvmesh.replicas.chat import encode_chat
 from kvmesh.replicas.config import EngineArgs, ModelArchConfig
 from kvmesh.replicas.detokenizer import Detokenizer
 from kvmesh.replicas.kv.events import KVEvent
@@ -97,6 +100,9 @@ class LLMEngine:
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        self.num_failed_requests = 0
+        self.last_step_prefill_tokens = 0
+        self.fault_injector: Callable[[str, Request], None] | None = None
         self.load_seconds = time.perf_counter() - start
 
     # ---- setup helpers ------------------------------------------------------------------
@@ -165,12 +171,7 @@ class LLMEngine:
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {prompt!r}")
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template: use generate() with a prompt")
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return encode_chat(self.tokenizer, messages)[1]
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> int:
         """Check a request; return its effective max_tokens. Raises ValueError on bad input."""
@@ -207,6 +208,8 @@ class LLMEngine:
         request_id: str | None = None,
         prompt_token_ids: list[int] | None = None,
     ) -> str:
+        """Queue a request. Everything that can fail runs before the engine records it, so a
+        refused request (``ValueError`` for bad input) leaves no trace."""
         params = params or SamplingParams()
         if prompt_token_ids is None:
             text, token_ids = self.tokenize(prompt)
@@ -225,15 +228,18 @@ class LLMEngine:
         if not params.greedy:
             gen = torch.Generator(device=self.device).manual_seed(seed)
         req = Request(request_id, token_ids, params, max_tokens, prompt=text, generator=gen)
-        self.requests[request_id] = req
+        detok = None
         if self.tokenizer is not None:
-            self._detok[request_id] = Detokenizer(
+            detok = Detokenizer(
                 self.tokenizer.backend_tokenizer,
                 token_ids,
                 params.stop_strings,
                 params.skip_special_tokens,
                 params.include_stop_str_in_output,
             )
+        self.requests[request_id] = req
+        if detok is not None:
+            self._detok[request_id] = detok
         self.scheduler.add(req)
         self.num_prompt_tokens += len(token_ids)
         return request_id
@@ -252,10 +258,19 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and return each touched request's output.
+
+        Faults are split by whose they are. The model forward is the replica's: if it raises,
+        the step raises and the caller treats the engine as broken. Everything done for one
+        request after it (registering its filled blocks, sampling its row, detokenising, stop
+        checks, building its output) is that request's: a fault there fails it alone
+        (``finish_reason == "error"``, blocks freed) and the batch carries on.
+        """
         sched = self.scheduler.schedule()
         if not sched:
             return []
         self.num_steps += 1
+        self.last_step_prefill_tokens = sum(n for _, n in sched.scheduled if n > 1)
         inputs = prepare_inputs(
             sched.scheduled,
             [self.kv.block_ids(r) for r, _ in sched.scheduled],
@@ -263,19 +278,73 @@ class LLMEngine:
             self.device,
         )
         logits = self.runner.execute(inputs)
+        outputs: list[RequestOutput] = []
         for req, n in sched.scheduled:
             req.num_computed_tokens += n
-            self.kv.cache_full_blocks(req)
-        outputs = []
+            try:
+                self._inject("cache_blocks", req)
+                self.kv.cache_full_blocks(req)
+            except Exception as exc:
+                outputs.append(self._fail_request(req, "cache_blocks", exc))
         if inputs.sampling_requests:
-            tokens, logprobs = sample(logits, inputs.sampling_requests, self.eos_token_ids)
+            results = sample(logits, inputs.sampling_requests, self.eos_token_ids)
             now = time.monotonic()
-            for req, token, lp in zip(inputs.sampling_requests, tokens, logprobs, strict=True):
-                outputs.append(self._append_token(req, token, lp, now))
+            for req, result in zip(inputs.sampling_requests, results, strict=True):
+                if req.finished:  # failed above
+                    continue
+                try:
+                    self._inject("sample", req)
+                    if isinstance(result, Exception):
+                        raise result
+                    outputs.append(self._append_token(req, *result, now))
+                except Exception as exc:
+                    outputs.append(self._fail_request(req, "sample", exc))
         for req, _ in sched.scheduled:
             if not req.finished:
-                self.kv.free_outside_window(req)
+                try:
+                    self.kv.free_outside_window(req)
+                except Exception as exc:
+                    outputs.append(self._fail_request(req, "free_window", exc))
         return outputs
+
+    def _inject(self, phase: str, req: Request) -> None:
+        """Test-only fault injection: ``fault_injector(phase, request)`` may raise."""
+        if self.fault_injector is not None:
+            self.fault_injector(phase, req)
+
+    def _fail_request(self, req: Request, phase: str, exc: BaseException) -> RequestOutput:
+        """End ``req`` alone after a fault in its own processing; its blocks return to the pool.
+
+        The client gets a short message with an id to find the details in the replica's log;
+        the exception text itself stays in the log (it may hold internals).
+        """
+        error_id = uuid.uuid4().hex[:12]
+        log.error(
+            "request %s failed in %s (error id %s)",
+            req.request_id,
+            phase,
+            error_id,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        self.num_failed_requests += 1
+        req.finish_reason = "error"
+        if not req.finished:
+            self.scheduler.finish(req)
+        self.requests.pop(req.request_id, None)
+        self._detok.pop(req.request_id, None)
+        message = (
+            f"the server failed while generating this request (error id {error_id}); "
+            "other requests were not affected"
+        )
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[CompletionOutput(0, "", list(req.output_token_ids), finish_reason="error")],
+            finished=True,
+            metrics=RequestMetrics(req.arrival_time, req.first_token_time, time.monotonic()),
+            error=message,
+        )
 
     def _append_token(
         self, req: Request, token: int, lp: dict[int, float] | None, now: float
@@ -291,6 +360,7 @@ class LLMEngine:
         stop_str = None
         detok = self._detok.get(req.request_id)
         if detok is not None:
+            self._inject("detokenize", req)
             stop_str = detok.add_token(token)
         if (
             not p.ignore_eos
@@ -304,6 +374,7 @@ class LLMEngine:
             req.finish_reason, req.stop_reason = "stop", stop_str
         elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
             req.finish_reason = "length"
+        self._inject("output", req)
         if req.finish_reason is not None:
             self.scheduler.finish(req)
             return self._finish(req, [token], lp)
@@ -362,6 +433,7 @@ class LLMEngine:
             "num_steps": self.num_steps,
             "prompt_tokens": self.num_prompt_tokens,
             "generation_tokens": self.num_generated_tokens,
+            "num_failed_requests": self.num_failed_requests,
         }
 
     def pending_prefill_tokens(self) -> int:

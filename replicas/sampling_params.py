@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+SAMPLING_EPS = 1e-5
+"""Temperatures below this are greedy: dividing logits by them overflows float32."""
+
 
 @dataclass
 class SamplingParams:
@@ -64,7 +67,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def stop_strings(self) -> list[str]:

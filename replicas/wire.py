@@ -41,9 +41,14 @@ class ReplicaRequest:
     """Written by kvmesh's prefix-aware router (see ``router/routing/hint.py``)."""
     debug_crash_after: int | None = None
     """Test-only: the replica exits after streaming this many token chunks (needs debug hooks)."""
+    debug_fault: Literal["request", "engine"] | None = None
+    """Test-only (needs debug hooks): ``request`` makes this request's own processing raise in
+    the engine; ``engine`` makes the engine's next model step raise (the loop dies)."""
 
 
-ErrorKind = Literal["bad_request", "overloaded", "shutting_down", "engine_dead", "internal"]
+ErrorKind = Literal[
+    "bad_request", "overloaded", "shutting_down", "engine_dead", "request_failed", "internal"
+]
 
 
 @dataclass

@@ -11,10 +11,11 @@ strings), so chunks arrive with their text and the ingress only frames them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,12 +23,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from kvmesh.replicas.sampling_params import SamplingParams
 from kvmesh.replicas.wire import ReplicaChunk, ReplicaRequest
+from kvmesh.router import limits
 from kvmesh.router import openai_format as fmt
-from kvmesh.router.auth import APIKeyAuth, keys_from_env
+from kvmesh.router.auth import APIKeyAuth, keys_from_env, keys_from_file
 from kvmesh.router.errors import APIError, from_validation_error
+from kvmesh.router.limits import RequestLimits, check_prompt_tokens, read_body
 from kvmesh.router.metrics import IngressMetrics, merge_expositions
 from kvmesh.router.model_table import ModelTable
 from kvmesh.router.protocol import ChatCompletionRequest, CompletionRequest
@@ -35,11 +39,13 @@ from kvmesh.router.replica_client import ReplicaStream, open_stream
 from kvmesh.router.response_cache import Generation, ResponseCache, cache_key
 from kvmesh.router.routing import metrics as router_metrics
 from kvmesh.router.streams import CachedStream, TokenSource, accumulate, merge
-from kvmesh.router.tokenization import ModelInfo, load_model_info
+from kvmesh.router.tokenization import ModelInfo, PromptInput, load_model_info
 
 log = logging.getLogger(__name__)
 
 DEBUG_CRASH_HEADER = "x-kvmesh-debug-crash-after"
+DEBUG_FAULT_HEADER = "x-kvmesh-debug-fault"
+HUB_TIMEOUT_S = 5.0
 
 
 class IngressConfig(BaseModel):
@@ -51,11 +57,12 @@ class IngressConfig(BaseModel):
     """Served name -> engine arguments (for the tokenizer, context length and block size)."""
     aliases: dict[str, dict[str, float]] = Field(default_factory=dict)
     api_keys: list[str] = Field(default_factory=list)
+    api_keys_file: str | None = None
     response_cache_entries: int = Field(default=0, ge=0)
     """0 turns the response cache off."""
-    max_request_bytes: int = Field(default=1 << 20, ge=1024)
-    retry_after_s: int = Field(default=1, ge=0)
-    replica_retries: int = Field(default=2, ge=0)
+    response_cache_bytes: int = Field(default=64 << 20, ge=1)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    replica_retries: int = Field(default=4, ge=0)
     debug_hooks: bool = False
 
 
@@ -73,9 +80,12 @@ class Ingress:
         self.table = ModelTable(list(self.config.models), self.config.aliases)
         self.handles = models
         self.hub = stats_hub
-        self.auth = APIKeyAuth([*self.config.api_keys, *keys_from_env()])
+        self.auth = APIKeyAuth(
+            [*self.config.api_keys, *keys_from_env(), *keys_from_file(self.config.api_keys_file)]
+        )
         n = self.config.response_cache_entries
-        self.cache = ResponseCache(n) if n else None
+        self.cache = ResponseCache(n, self.config.response_cache_bytes) if n else None
+        self.limits = self.config.limits
         self.metrics = IngressMetrics()
         self.started = int(time.time())
 
@@ -85,17 +95,30 @@ class Ingress:
     # ---- request handling -----------------------------------------------------------------
     async def parse(self, request: Request, schema: type[BaseModel]) -> Any:
         self.auth.check(request.headers.get("authorization"))
-        limit = self.config.max_request_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"request body is over {limit} bytes", code="request_too_large")
-        raw = await request.body()
-        if len(raw) > limit:
-            raise APIError(413, f"request body is over {limit} bytes", code="request_too_large")
+        try:
+            raw = await read_body(
+                request.stream(),
+                request.headers.get("content-length"),
+                self.limits.max_request_bytes,
+            )
+        except ClientDisconnect:
+            raise APIError(400, "the client disconnected", code="client_disconnected") from None
         try:
             return schema.model_validate_json(raw)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
+
+    async def prepare(self, encode: Callable[[], list[tuple[str | None, list[int]]]], info):
+        """Tokenise (chat template, too) and hash the prompts in a worker thread: a long
+        prompt costs milliseconds to seconds of CPU, which must not stall the event loop
+        that streams every other request's tokens."""
+
+        def work() -> list[PromptInput]:
+            encoded = encode()
+            check_prompt_tokens(self.limits, sum(len(ids) for _, ids in encoded))
+            return [info.prompt_input(text, ids) for text, ids in encoded]
+
+        return await asyncio.to_thread(work)
 
     @staticmethod
     def sampling(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
@@ -103,6 +126,10 @@ class Ingress:
             return req.sampling_params()
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_value") from None
+
+    def debug_fault(self, request: Request) -> str | None:
+        value = request.headers.get(DEBUG_FAULT_HEADER)
+        return value if self.config.debug_hooks and value in ("request", "engine") else None
 
     def debug_crash_after(self, request: Request) -> int | None:
         value = request.headers.get(DEBUG_CRASH_HEADER)
@@ -114,7 +141,7 @@ class Ingress:
         self,
         request: Request,
         target: str,
-        prompts: list[tuple[str | None, list[int]]],
+        prompts: list[PromptInput],
         params: SamplingParams,
         rid: str,
         arrival: float,
@@ -123,33 +150,36 @@ class Ingress:
         """One token source per prompt (a cache hit or an admitted replica stream)."""
         info = self.infos[target]
         crash_after = self.debug_crash_after(request)
-        session_id = request.headers.get("x-session-id")
-        cacheable = cacheable and self.cache is not None and crash_after is None
+        fault = self.debug_fault(request)
+        session_id = limits.session_id(request.headers.get("x-session-id"))
+        cacheable = cacheable and self.cache is not None and crash_after is None and not fault
 
-        async def open_one(i: int, text: str | None, ids: list[int]) -> TokenSource:
+        async def open_one(i: int, prompt: PromptInput) -> TokenSource:
             if cacheable:
-                hit = self.cache.get(cache_key(target, ids, params))  # type: ignore[union-attr]
+                key = cache_key(target, prompt.token_ids, params)
+                hit = self.cache.get(key)  # type: ignore[union-attr]
                 self.metrics.response_cache.labels(target, "hit" if hit else "miss").inc()
                 if hit is not None:
                     return CachedStream(hit)
             req = ReplicaRequest(
                 request_id=f"{rid}-{i}",
                 model=target,
-                prompt_token_ids=ids,
+                prompt_token_ids=prompt.token_ids,
                 params=params,
-                block_hashes=info.block_hashes(ids),
+                block_hashes=prompt.block_hashes,
                 block_size=info.block_size,
-                prompt=text,
+                prompt=prompt.text,
                 arrival_time=arrival,
                 session_id=session_id,
                 debug_crash_after=crash_after,
+                debug_fault=fault,  # type: ignore[arg-type]
             )
             t_call = time.time()
             stream = await open_stream(
                 self.handles[target],
                 req,
                 retries=self.config.replica_retries,
-                retry_after_s=self.config.retry_after_s,
+                retry_after_s=self.limits.retry_after_s,
             )
             self.observe_admission(target, arrival, t_call, stream.admitted)
             return stream
@@ -160,8 +190,8 @@ class Ingress:
         # by that id: two calls waiting at once would leave one waiting forever.
         sources: list[TokenSource] = []
         try:
-            for i, (text, ids) in enumerate(prompts):
-                sources.append(await open_one(i, text, ids))
+            for i, prompt in enumerate(prompts):
+                sources.append(await open_one(i, prompt))
         except BaseException:
             for source in sources:
                 source.cancel()
@@ -171,9 +201,9 @@ class Ingress:
     def remember(self, target: str, prompts, params: SamplingParams, sources, gens) -> None:
         if self.cache is None:
             return
-        for (_, ids), source, gen in zip(prompts, sources, gens, strict=True):
+        for prompt, source, gen in zip(prompts, sources, gens, strict=True):
             if isinstance(source, ReplicaStream):
-                self.cache.put(cache_key(target, ids, params), gen)
+                self.cache.put(cache_key(target, prompt.token_ids, params), gen)
 
     def headers(self, target: str, sources: list[TokenSource], rid: str) -> dict[str, str]:
         replicas = list(dict.fromkeys(s.replica for s in sources))
@@ -221,7 +251,9 @@ class Ingress:
         target = self.table.resolve(req.model)
         info = self.infos[target]
         params = self.sampling(req)
-        prompts = [info.encode(p) for p in req.prompts()]
+        raw_prompts = req.prompts()
+        limits.check_prompt_count(self.limits, len(raw_prompts))
+        prompts = await self.prepare(lambda: [info.encode(p) for p in raw_prompts], info)
         rid = f"cmpl-{uuid.uuid4().hex}"
         sources = await self.open_sources(
             request, target, prompts, params, rid, arrival, req.deterministic
@@ -290,8 +322,7 @@ class Ingress:
         except APIError as err:
             yield fmt.sse(err.body())
         except Exception as exc:
-            log.exception("stream %s failed", rid)
-            yield fmt.sse(APIError(500, f"internal error: {type(exc).__name__}").body())
+            yield fmt.sse(internal_error(f"stream {rid} failed", exc).body())
         finally:
             for source in sources:
                 source.cancel()
@@ -305,7 +336,8 @@ class Ingress:
         target = self.table.resolve(req.model)
         info = self.infos[target]
         params = self.sampling(req)
-        prompts = [info.encode_chat(req.conversation())]
+        conversation = req.conversation()
+        prompts = await self.prepare(lambda: [info.encode_chat(conversation)], info)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         sources = await self.open_sources(
             request, target, prompts, params, rid, arrival, req.deterministic
@@ -385,14 +417,26 @@ class Ingress:
         return {"object": "list", "data": data}
 
     async def replica_snapshot(self) -> list[dict[str, Any]]:
+        """Every replica's latest stats from the stats hub; 503 while the hub is down (Serve
+        restarts it, and replicas push cumulative values, so nothing is lost)."""
         if self.hub is None:
             return []
-        return await self.hub.snapshot.remote()
+        try:
+            return await asyncio.wait_for(self.hub.snapshot.remote(), HUB_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("stats hub unavailable: %r", exc)
+            raise APIError(
+                503,
+                "replica statistics are unavailable right now (the stats hub is restarting)",
+                code="stats_unavailable",
+                retry_after_s=self.limits.retry_after_s,
+            ) from None
 
     async def ready(self) -> tuple[bool, dict[str, int]]:
+        """Ready when every model has a replica whose engine can serve."""
         counts = dict.fromkeys(self.config.models, 0)
         for snap in await self.replica_snapshot():
-            if snap["model"] in counts:
+            if snap["model"] in counts and snap["stats"].get("healthy", True):
                 counts[snap["model"]] += 1
         return all(counts.values()), counts
 
@@ -402,11 +446,24 @@ class Ingress:
         return merge_expositions(texts)
 
 
+def endpoint(request: Request) -> str:
+    """The matched route's template, never the raw path: metric labels from a closed set."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
+def internal_error(context: str, exc: BaseException) -> APIError:
+    """A 500 whose body says nothing of the internals; the log has them, under the same id."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("%s (error id %s)", context, error_id, exc_info=exc)
+    return APIError(500, f"internal error (error id {error_id})", code="internal_error")
+
+
 def build_api(ing: Ingress) -> FastAPI:
     app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None, openapi_url=None)
 
     def error_response(request: Request, err: APIError) -> JSONResponse:
-        ing.metrics.requests.labels(request.url.path, str(err.status)).inc()
+        ing.metrics.requests.labels(endpoint(request), str(err.status)).inc()
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
     @app.exception_handler(APIError)
@@ -420,11 +477,12 @@ def build_api(ing: Ingress) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error in %s", request.url.path)
-        return error_response(request, APIError(500, f"internal error: {type(exc).__name__}"))
+        return error_response(
+            request, internal_error(f"unhandled error in {endpoint(request)}", exc)
+        )
 
     def ok(request: Request, response: Response) -> Response:
-        ing.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        ing.metrics.requests.labels(endpoint(request), str(response.status_code)).inc()
         return response
 
     @app.post("/v1/completions")
@@ -434,6 +492,12 @@ def build_api(ing: Ingress) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         return ok(request, await ing.chat(request))
+
+    @app.get("/openapi.json")
+    async def openapi(request: Request) -> Response:
+        from kvmesh.router.openapi import openapi_schema
+
+        return ok(request, JSONResponse(openapi_schema()))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -453,12 +517,13 @@ def build_api(ing: Ingress) -> FastAPI:
                 503,
                 f"models not loaded yet: {', '.join(missing)}",
                 code="not_ready",
-                retry_after_s=ing.config.retry_after_s,
+                retry_after_s=ing.limits.retry_after_s,
             )
         return ok(request, JSONResponse({"status": "ready", "replicas": counts}))
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
+        ing.auth.check(request.headers.get("authorization"))
         text = await ing.metrics_text()
         return ok(request, PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST))
 

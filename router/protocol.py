@@ -14,12 +14,27 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvmesh.replicas.sampling_params import SamplingParams
 
+# Fixed caps on one request's shape (the configurable ones, bytes, prompts and prompt tokens
+# per request, are in ``router.limits``). Each keeps one request from costing the server
+# out of proportion to what it asks for: stop strings are searched after every token,
+# message parts and names are copied through the chat template.
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 20
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 256
+MAX_NAME_CHARS = 256
+MAX_PROMPTS = 1024
+"""A hard ceiling on a prompt list; ``limits.max_prompts_per_request`` is usually lower."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # NaN and infinities are not JSON, and no field means anything by them.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+ShortName = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 
 
 class StreamOptions(_Strict):
@@ -29,13 +44,13 @@ class StreamOptions(_Strict):
 class _SamplingRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     n: int = Field(default=1, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -43,7 +58,7 @@ class _SamplingRequest(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: ShortName | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
 
@@ -88,9 +103,9 @@ TokenId = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Prompt = (
     str
-    | Annotated[list[str], Field(min_length=1)]
+    | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
     | TokenIds
-    | Annotated[list[TokenIds], Field(min_length=1)]
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
 )
 
 
@@ -119,8 +134,8 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)]
-    name: str | None = None
+    content: str | Annotated[list[TextPart], Field(min_length=1, max_length=MAX_CONTENT_PARTS)]
+    name: ShortName | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -129,7 +144,7 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)

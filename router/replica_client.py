@@ -39,6 +39,8 @@ def to_api_error(err: ReplicaError, retry_after_s: int) -> APIError:
             code="overloaded",
             retry_after_s=retry_after_s,
         )
+    if err.kind == "request_failed":
+        return APIError(500, err.message, code="request_failed")
     if err.kind in ("shutting_down", "engine_dead"):
         return APIError(
             503,
@@ -90,10 +92,16 @@ class ReplicaStream:
 
 
 async def open_stream(
-    handle: Any, req: ReplicaRequest, *, retries: int = 2, retry_after_s: int = 1
+    handle: Any, req: ReplicaRequest, *, retries: int = 4, retry_after_s: int = 1
 ) -> ReplicaStream:
-    """Send ``req`` to a replica of ``handle`` and wait until one admits it."""
-    delay, last = 0.05, "no attempt"
+    """Send ``req`` to a replica of ``handle`` and wait until one admits it.
+
+    A replica that is gone, shutting down or whose engine died is retried with backoff
+    (0.1, 0.3, 0.9, 2.7 s): long enough together for Serve's health check to take a broken
+    replica out of the routing set (health_check_period_s, 2 s by default), since a broken
+    replica answers at once and a load-based router would otherwise keep picking it.
+    """
+    delay, last = 0.1, "no attempt"
     for attempt in range(retries + 1):
         gen = handle.options(stream=True).generate.remote(req)
         try:
@@ -119,7 +127,7 @@ async def open_stream(
         if attempt < retries:
             log.info("retrying %s on another replica: %s", req.request_id, last)
             await asyncio.sleep(delay)
-            delay *= 2
+            delay *= 3
     raise APIError(
         503,
         f"no replica of {req.model} could take the request ({last})",

@@ -37,12 +37,27 @@ def cache_key(model: str, token_ids: list[int], params: SamplingParams) -> Hasha
     return (model, tuple(token_ids), values)
 
 
+def approx_bytes(key: Hashable, gen: Generation) -> int:
+    """What an entry holds in memory, roughly: Python ints in lists cost ~36 bytes each, a
+    logprobs entry ~100 per alternative. Generous on purpose: the bound must hold."""
+    _, prompt_ids, _ = key  # type: ignore[misc]
+    size = 512 + 4 * len(gen.text) + 36 * (len(prompt_ids) + len(gen.token_ids))
+    if gen.logprobs:
+        size += sum(100 * len(entry) + 64 for entry in gen.logprobs)
+    return size
+
+
 class ResponseCache:
-    def __init__(self, max_entries: int) -> None:
+    """LRU bounded both in entries and in (approximate) bytes: long prompts and outputs
+    cannot grow the ingress without bound however few entries there are."""
+
+    def __init__(self, max_entries: int, max_bytes: int = 64 << 20) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
-        self._entries: OrderedDict[Hashable, Generation] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.num_bytes = 0
+        self._entries: OrderedDict[Hashable, tuple[Generation, int]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -50,18 +65,25 @@ class ResponseCache:
         return len(self._entries)
 
     def get(self, key: Hashable) -> Generation | None:
-        gen = self._entries.get(key)
-        if gen is None:
+        entry = self._entries.get(key)
+        if entry is None:
             self.misses += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        return gen
+        return entry[0]
 
     def put(self, key: Hashable, gen: Generation) -> None:
         if gen.finish_reason not in ("stop", "length"):
             return  # only complete generations are worth replaying
-        self._entries[key] = gen
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        size = approx_bytes(key, gen)
+        if size > self.max_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.num_bytes -= old[1]
+        self._entries[key] = (gen, size)
+        self.num_bytes += size
+        while len(self._entries) > self.max_entries or self.num_bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.num_bytes -= dropped

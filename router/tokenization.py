@@ -14,10 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from kvmesh.replicas.block_hash import BlockHash, hash_block_tokens
+from kvmesh.replicas.chat import ChatTemplateError, encode_chat
 from kvmesh.replicas.config import EngineArgs, ModelArchConfig
 from kvmesh.replicas.engine import load_tokenizer
 from kvmesh.replicas.model_files import resolve_model_dir
 from kvmesh.router.errors import APIError
+
+
+@dataclass
+class PromptInput:
+    """One prompt as a replica receives it."""
+
+    text: str | None
+    token_ids: list[int]
+    block_hashes: list[BlockHash]
 
 
 @dataclass
@@ -54,17 +64,10 @@ class ModelInfo:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
         """The conversation through the model's chat template, with the assistant cue."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, f"model {self.name} has no chat template: use /v1/completions")
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as exc:  # templates raise for unsupported turn orders
-            raise APIError(
-                400, f"messages: the chat template rejected them: {exc}", param="messages"
-            ) from exc
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+            text, ids = encode_chat(self.tokenizer, messages)
+        except ChatTemplateError as exc:
+            raise APIError(400, f"messages: {exc}", param="messages") from None
         self.check_length(ids)
         return text, ids
 
@@ -79,6 +82,9 @@ class ModelInfo:
                 param="prompt",
                 code="context_length_exceeded",
             )
+
+    def prompt_input(self, text: str | None, ids: list[int]) -> PromptInput:
+        return PromptInput(text, ids, self.block_hashes(ids))
 
     def block_hashes(self, ids: list[int]) -> list[BlockHash]:
         return hash_block_tokens(ids, self.block_size, extra_keys=(self.name,))

@@ -63,6 +63,7 @@ class PrefixRouterCore:
         self._sync: dict[Hashable, ReplicaSync] = {}
         self._hit_counters: dict[Hashable, tuple[int, int]] = {}
         self._last_stats: dict[Hashable, Mapping[str, Any]] = {}
+        self._unhealthy: set[Hashable] = set()
         self._sessions: OrderedDict[str, tuple[Hashable, float]] = OrderedDict()
         self._seq = 0
         self._warned_block_size = False
@@ -85,6 +86,7 @@ class PrefixRouterCore:
             self.loads.remove_replica(replica)
             self._hit_counters.pop(replica, None)
             self._last_stats.pop(replica, None)
+            self._unhealthy.discard(replica)
 
     def set_replicas(self, replicas: Iterable[Hashable]) -> None:
         wanted = set(replicas)
@@ -100,8 +102,16 @@ class PrefixRouterCore:
 
     # ---- reports ------------------------------------------------------------------------
     def apply_report(self, replica: Hashable, routing_stats: Mapping[str, Any] | None) -> bool:
-        """Fold in a replica's latest ``record_routing_stats`` dict; False if it has no report."""
+        """Fold in a replica's latest ``record_routing_stats`` dict; False if it has no report.
+
+        A replica that reports ``healthy: 0`` (its engine died or stalled) takes no new
+        requests until it reports healthy again or Serve replaces it.
+        """
         with self._lock:
+            if routing_stats is not None and routing_stats.get("healthy", 1) == 0:
+                self._unhealthy.add(replica)
+            else:
+                self._unhealthy.discard(replica)
             # Serve re-broadcasts every replica's dict when any one changes: skip the others.
             if replica in self._sync and routing_stats == self._last_stats.get(replica):
                 return True
@@ -165,6 +175,8 @@ class PrefixRouterCore:
             now = self._clock()
             self.index.expire(now)
             pool = list(self._sync) if candidates is None else list(candidates)
+            # Never an unhealthy replica while a healthy one is left.
+            pool = [r for r in pool if r not in self._unhealthy] or pool
             for replica in pool:
                 if replica not in self._sync:
                     self.add_replica(replica)

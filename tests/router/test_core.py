@@ -243,7 +243,7 @@ def test_burst_decided_before_any_confirmation_sees_its_own_reservations():
     core.apply_report("home", reps["home"].report(stored(hashes(prefix))))
     chosen = []
     for i in range(12):
-        p = prefix + [50_000 + i]
+        p = [*prefix, 50000 + i]
         d = _route(core, p)
         core.reserve(d.best, f"q{i}", hashes(p), len(p), d, core.next_seq())
         chosen.append(d.best)
@@ -255,8 +255,8 @@ def test_burst_decided_before_any_confirmation_sees_its_own_reservations():
 
     # q0 was reserved at home but Serve sent it to the other replica: its load moves.
     before_home = core.loads.num_pending("home")
-    d0 = _route(core, prefix + [50_000])
-    core.on_routed("other", "q0", hashes(prefix + [50_000]), 65, d0, 1, reserved="home")
+    d0 = _route(core, [*prefix, 50000])
+    core.on_routed("other", "q0", hashes([*prefix, 50000]), 65, d0, 1, reserved="home")
     assert core.loads.num_pending("home") == before_home - 1
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-API_KEY = "test-key-123"
+API_KEY = "test-key-0123456789"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 TINY_CHAT = dict(
     vocab_size=49152,

@@ -10,9 +10,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from kvmesh import SamplingParams
+from kvmesh.cluster.config import AppConfig
 from kvmesh.replicas.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvmesh.replicas.replica_metrics import ReplicaMetrics
-from kvmesh.router.auth import APIKeyAuth
+from kvmesh.router.auth import APIKeyAuth, keys_from_env, keys_from_file
 from kvmesh.router.errors import APIError, from_validation_error
 from kvmesh.router.metrics import IngressMetrics, merge_expositions
 from kvmesh.router.model_table import ModelTable
@@ -87,12 +88,54 @@ def test_api_errors_carry_openai_body_and_retry_after():
 
 def test_api_keys_are_optional_and_checked():
     APIKeyAuth([]).check(None)  # open
-    auth = APIKeyAuth(["k1", "k2"])
-    auth.check("Bearer k2")
-    for header in (None, "", "Bearer", "Bearer k3", "Basic k1", "k1"):
+    k1, k2, k3 = (f"key-{i}-abcdefghijklmnop" for i in (1, 2, 3))
+    auth = APIKeyAuth([k1, k2])
+    auth.check(f"Bearer {k2}")
+    for header in (None, "", "Bearer", f"Bearer {k3}", f"Basic {k1}", k1, "Bearer "):
         with pytest.raises(APIError) as info:
             auth.check(header)
         assert info.value.status == 401
+
+
+@pytest.mark.parametrize("key", ["", "short", " padded-key-0123456789 ", "x" * 15])
+def test_short_or_padded_api_keys_are_refused_at_load(key, monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="at least 16 characters") as info:
+        APIKeyAuth([key])
+    assert key.strip() not in str(info.value) or not key.strip()  # the key is never echoed
+    with pytest.raises(ValueError, match="api_keys"):
+        AppConfig.model_validate({"api_keys": [key]})
+    monkeypatch.setenv("KVMESH_API_KEYS", f"good-key-0123456789,{key or 'x'}")
+    with pytest.raises(ValueError, match="KVMESH_API_KEYS"):
+        keys_from_env()
+    keyfile = tmp_path / "keys"
+    keyfile.write_text(f"good-key-0123456789\n{key or 'y'}\n")
+    with pytest.raises(ValueError, match="api_keys_file"):
+        keys_from_file(str(keyfile))
+
+
+def test_build_config_never_writes_api_keys():
+    from kvmesh.cluster.serve_cmd import check_serve_config, serve_config
+
+    with pytest.raises(ValueError, match="KVMESH_API_KEYS"):
+        serve_config(AppConfig.model_validate({"api_keys": ["secret-key-0123456789"]}))
+    data = serve_config(AppConfig.model_validate({"api_keys_file": "/etc/kvmesh/keys"}))
+    assert data["applications"][0]["args"]["api_keys_file"] == "/etc/kvmesh/keys"
+    data["applications"][0]["args"]["api_keys"] = ["secret-key-0123456789"]
+    assert any("api_keys" in p for p in check_serve_config(data))
+
+
+def test_response_cache_is_bounded_in_bytes():
+    sp = SamplingParams(temperature=0.0, max_tokens=4)
+    cache = ResponseCache(1000, max_bytes=200_000)
+    for i in range(50):
+        cache.put(
+            cache_key("m", [i] * 1000, sp), Generation(text="x" * 10_000, finish_reason="stop")
+        )
+        assert cache.num_bytes <= cache.max_bytes
+    assert 0 < len(cache) < 50
+    assert cache.get(cache_key("m", [49] * 1000, sp)) is not None  # the newest stays
+    cache.put(cache_key("m", [7], sp), Generation(text="x" * 10**6, finish_reason="stop"))
+    assert cache.get(cache_key("m", [7], sp)) is None  # larger than the whole cache: not kept
 
 
 def test_alias_split_follows_weights_and_unknown_is_404():
