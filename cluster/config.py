@@ -223,6 +223,7 @@ class AppConfig(_Strict):
                 self.response_cache.max_entries if self.response_cache.enabled else 0
             ),
             "response_cache_bytes": self.response_cache.max_bytes,
+            "max_pending_requests": {m.name: m.max_pending_requests for m in self.models},
             "limits": self.limits.model_dump(),
             "debug_hooks": self.debug_hooks,
         }

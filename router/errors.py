@@ -31,6 +31,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -38,6 +39,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.retry_after_s = retry_after_s
+        self.extra_headers = dict(headers or {})
 
     @property
     def type(self) -> str:
@@ -56,7 +58,10 @@ class APIError(Exception):
         }
 
     def headers(self) -> dict[str, str]:
-        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+        out = dict(self.extra_headers)  # e.g. a 405's Allow
+        if self.retry_after_s is not None:
+            out["Retry-After"] = str(self.retry_after_s)
+        return out
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list", "TextPart", "StreamOptions"}

@@ -61,6 +61,8 @@ class IngressConfig(BaseModel):
     response_cache_entries: int = Field(default=0, ge=0)
     """0 turns the response cache off."""
     response_cache_bytes: int = Field(default=64 << 20, ge=1)
+    max_pending_requests: dict[str, int | None] = Field(default_factory=dict)
+    """Each model's per-replica engine queue (a cap on prompts per request)."""
     limits: RequestLimits = Field(default_factory=RequestLimits)
     replica_retries: int = Field(default=4, ge=0)
     debug_hooks: bool = False
@@ -95,6 +97,7 @@ class Ingress:
     # ---- request handling -----------------------------------------------------------------
     async def parse(self, request: Request, schema: type[BaseModel]) -> Any:
         self.auth.check(request.headers.get("authorization"))
+        limits.session_id(request.headers.get("x-session-id"))  # before any work
         try:
             raw = await read_body(
                 request.stream(),
@@ -119,6 +122,11 @@ class Ingress:
             return [info.prompt_input(text, ids) for text, ids in encoded]
 
         return await asyncio.to_thread(work)
+
+    def prompt_cap(self, model: str) -> int | None:
+        """A request's prompts run at once on one replica, so no more of them than its engine
+        admits (``max_pending_requests``): beyond that a 429 could never clear on retry."""
+        return self.config.max_pending_requests.get(model)
 
     @staticmethod
     def sampling(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
@@ -252,7 +260,7 @@ class Ingress:
         info = self.infos[target]
         params = self.sampling(req)
         raw_prompts = req.prompts()
-        limits.check_prompt_count(self.limits, len(raw_prompts))
+        limits.check_prompt_count(self.limits, len(raw_prompts), self.prompt_cap(target))
         prompts = await self.prepare(lambda: [info.encode(p) for p in raw_prompts], info)
         rid = f"cmpl-{uuid.uuid4().hex}"
         sources = await self.open_sources(
@@ -473,7 +481,8 @@ def build_api(ing: Ingress) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(request, APIError(exc.status_code, str(exc.detail), code=code))
+        err = APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
+        return error_response(request, err)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -58,13 +58,19 @@ def _too_large(limit: int) -> APIError:
     )
 
 
-def check_prompt_count(limits: RequestLimits, count: int) -> None:
-    """Before tokenising: a list of prompts is refused without encoding any of them."""
-    if count > limits.max_prompts_per_request:
+def check_prompt_count(limits: RequestLimits, count: int, replica_cap: int | None) -> None:
+    """Before tokenising: a list of prompts is refused without encoding any of them.
+
+    ``replica_cap``: the model's ``max_pending_requests``; a request's prompts all run on one
+    replica at once, so more than that could never be admitted.
+    """
+    cap, name = limits.max_prompts_per_request, "limits.max_prompts_per_request"
+    if replica_cap is not None and replica_cap < cap:
+        cap, name = replica_cap, "the model's max_pending_requests"
+    if count > cap:
         raise APIError(
             400,
-            f"prompt: {count} prompts in one request; at most "
-            f"{limits.max_prompts_per_request} (limits.max_prompts_per_request)",
+            f"prompt: {count} prompts in one request; at most {cap} ({name})",
             param="prompt",
             code="too_many_prompts",
         )

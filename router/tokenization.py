@@ -73,7 +73,7 @@ class ModelInfo:
 
     def check_length(self, ids: list[int]) -> None:
         if not ids:
-            raise APIError(400, "prompt must not be empty", param="prompt")
+            raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
         if len(ids) >= self.max_model_len:
             raise APIError(
                 413,

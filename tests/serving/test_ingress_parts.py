@@ -104,11 +104,14 @@ def test_short_or_padded_api_keys_are_refused_at_load(key, monkeypatch, tmp_path
     assert key.strip() not in str(info.value) or not key.strip()  # the key is never echoed
     with pytest.raises(ValueError, match="api_keys"):
         AppConfig.model_validate({"api_keys": [key]})
-    monkeypatch.setenv("KVMESH_API_KEYS", f"good-key-0123456789,{key or 'x'}")
+    short = key.strip()
+    if len(short) >= 16:
+        return  # env and key files strip surrounding spaces: a padded key is fine there
+    monkeypatch.setenv("KVMESH_API_KEYS", f"good-key-0123456789,{short or 'x'}")
     with pytest.raises(ValueError, match="KVMESH_API_KEYS"):
         keys_from_env()
     keyfile = tmp_path / "keys"
-    keyfile.write_text(f"good-key-0123456789\n{key or 'y'}\n")
+    keyfile.write_text(f"good-key-0123456789\n{short or 'y'}\n")
     with pytest.raises(ValueError, match="api_keys_file"):
         keys_from_file(str(keyfile))
 
