@@ -58,6 +58,12 @@ class ModelConfig(_Strict):
         description="A replica refuses (429) requests it expects to wait longer than this "
         "for prefill; null admits everything up to max_pending_requests.",
     )
+    max_inter_token_latency_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="A replica refuses (429) new requests while its decode steps (every "
+        "running request's inter-token latency) take longer than this; null: off.",
+    )
     watchdog_s: float | None = Field(
         default=120.0,
         gt=0,
@@ -131,6 +137,7 @@ class ModelConfig(_Strict):
         return ReplicaOptions(
             max_pending_requests=self.max_pending_requests,
             max_queue_delay_s=self.max_queue_delay_s,
+            max_inter_token_latency_s=self.max_inter_token_latency_s,
             watchdog_s=self.watchdog_s,
             torch_threads=self.torch_threads,
             stats_push_period_s=app.stats_push_period_s,

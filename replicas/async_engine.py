@@ -82,16 +82,20 @@ class AsyncLLM:
         max_pending_requests: int | None = None,
         engine: LLMEngine | None = None,
         max_queue_delay_s: float | None = None,
+        max_inter_token_latency_s: float | None = None,
         watchdog_s: float | None = DEFAULT_WATCHDOG_S,
         **kwargs: Any,
     ) -> None:
         self.engine = engine or build_engine(args or EngineArgs(**kwargs))
         self.max_pending_requests = max_pending_requests
         self.max_queue_delay_s = max_queue_delay_s
+        self.max_inter_token_latency_s = max_inter_token_latency_s
         self.watchdog_s = watchdog_s
         # Prompt tokens the engine computes per second (EWMA over steps with real prefill
         # work): turns queued prefill tokens into an expected wait for admission control.
         self._prefill_rate: float | None = None
+        # Seconds per step that decodes (EWMA): every running request's inter-token latency.
+        self._decode_step_s: float | None = None
         self._last_progress = time.monotonic()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -182,14 +186,28 @@ class AsyncLLM:
         return queued / self._prefill_rate
 
     def _check_queue_delay(self, num_prompt_tokens: int) -> None:
-        """Shed at the door rather than queue a request that would wait past its useful life."""
-        if self.max_queue_delay_s is None or not self._streams:
-            return
+        """Shed at the door rather than admit a request the replica cannot serve in time.
+
+        Two signals, both measured: the wait for prefill (queued prompt tokens over the
+        prefill rate) bounds time to first token; the current inter-token latency (decode
+        step time) says whether one more running request would slow everyone past their
+        budget. Refusing early (429 + Retry-After) keeps the admitted requests' latency and
+        lets the client go elsewhere; queueing would make every request late.
+        """
+        if not self._streams:
+            return  # an idle replica always admits
         delay = self.expected_queue_delay_s(num_prompt_tokens)
-        if delay is not None and delay > self.max_queue_delay_s:
+        limit = self.max_queue_delay_s
+        if limit is not None and delay is not None and delay > limit:
             raise EngineOverloadedError(
-                f"expected queueing delay {delay:.1f}s exceeds the limit of "
-                f"{self.max_queue_delay_s:g}s (max_queue_delay_s)"
+                f"expected queueing delay {delay:.1f}s exceeds the limit of {limit:g}s "
+                "(max_queue_delay_s)"
+            )
+        itl, limit = self._decode_step_s, self.max_inter_token_latency_s
+        if limit is not None and itl is not None and itl > limit:
+            raise EngineOverloadedError(
+                f"inter-token latency {itl:.2f}s exceeds the limit of {limit:g}s "
+                "(max_inter_token_latency_s)"
             )
 
     def stats(self) -> dict[str, Any]:
@@ -303,6 +321,9 @@ class AsyncLLM:
 
     def _observe_step(self, seconds: float) -> None:
         self._last_progress = time.monotonic()
+        if self.engine.last_step_decodes:
+            old = self._decode_step_s
+            self._decode_step_s = seconds if old is None else 0.8 * old + 0.2 * seconds
         tokens = self.engine.last_step_prefill_tokens
         if tokens >= MIN_RATE_SAMPLE_TOKENS and seconds > 0:
             rate = tokens / seconds

@@ -60,6 +60,11 @@ class ReplicaOptions(BaseModel):
         gt=0,
         description="Refuse (429) a request whose expected wait for prefill exceeds this.",
     )
+    max_inter_token_latency_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Refuse (429) new requests while decode steps take longer than this.",
+    )
     watchdog_s: float | None = Field(
         default=DEFAULT_WATCHDOG_S,
         gt=0,
@@ -107,6 +112,7 @@ class LLMServer:
             args,
             max_pending_requests=self.options.max_pending_requests,
             max_queue_delay_s=self.options.max_queue_delay_s,
+            max_inter_token_latency_s=self.options.max_inter_token_latency_s,
             watchdog_s=self.options.watchdog_s,
         )
         self.replica = _replica_name(model_name)

@@ -102,6 +102,7 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_failed_requests = 0
         self.last_step_prefill_tokens = 0
+        self.last_step_decodes = 0
         self.fault_injector: Callable[[str, Request], None] | None = None
         self.load_seconds = time.perf_counter() - start
 
@@ -271,6 +272,7 @@ class LLMEngine:
             return []
         self.num_steps += 1
         self.last_step_prefill_tokens = sum(n for _, n in sched.scheduled if n > 1)
+        self.last_step_decodes = sum(1 for _, n in sched.scheduled if n == 1)
         inputs = prepare_inputs(
             sched.scheduled,
             [self.kv.block_ids(r) for r, _ in sched.scheduled],

@@ -35,20 +35,26 @@ tiny_positive = st.sampled_from([1e-300, 1e-45, 1e-38, 1e-12, 1e-6, 1e-5])
 temperatures = st.one_of(
     st.just(0.0), tiny_positive, st.floats(0.0, 100.0, allow_nan=False), st.just(100.0)
 )
-sampling_params = st.builds(
-    SamplingParams,
-    max_tokens=st.integers(1, 8),
-    temperature=temperatures,
-    top_p=st.one_of(tiny_positive, st.floats(1e-9, 1.0), st.just(1.0)),
-    top_k=st.one_of(st.just(-1), st.integers(1, VOCAB + 5)),
-    min_p=st.one_of(st.just(0.0), st.floats(0.0, 1.0), st.just(1.0)),
-    presence_penalty=st.floats(-2.0, 2.0),
-    frequency_penalty=st.floats(-2.0, 2.0),
-    repetition_penalty=st.one_of(tiny_positive, st.floats(1e-9, 2.0), st.just(2.0)),
-    seed=st.one_of(st.none(), st.integers(0, 2**63 - 1)),
-    logprobs=st.one_of(st.none(), st.integers(0, 20)),
-    min_tokens=st.integers(0, 4),
+sampling_params = st.integers(1, 8).flatmap(
+    lambda max_tokens: _sampling_params(max_tokens, st.integers(0, min(4, max_tokens)))
 )
+
+
+def _sampling_params(max_tokens: int, min_tokens) -> st.SearchStrategy[SamplingParams]:
+    return st.builds(
+        SamplingParams,
+        max_tokens=st.just(max_tokens),
+        min_tokens=min_tokens,
+        temperature=temperatures,
+        top_p=st.one_of(tiny_positive, st.floats(1e-9, 1.0), st.just(1.0)),
+        top_k=st.one_of(st.just(-1), st.integers(1, VOCAB + 5)),
+        min_p=st.one_of(st.just(0.0), st.floats(0.0, 1.0), st.just(1.0)),
+        presence_penalty=st.floats(-2.0, 2.0),
+        frequency_penalty=st.floats(-2.0, 2.0),
+        repetition_penalty=st.one_of(tiny_positive, st.floats(1e-9, 2.0), st.just(2.0)),
+        seed=st.one_of(st.none(), st.integers(0, 2**63 - 1)),
+        logprobs=st.one_of(st.none(), st.integers(0, 20)),
+    )
 
 
 @st.composite
@@ -356,6 +362,12 @@ def test_admission_sheds_requests_that_would_wait_too_long(make_tiny_model):
         llm._stats = {**llm._stats, "pending_prefill_tokens": int(rate * 10)}
         with pytest.raises(EngineOverloadedError, match="max_queue_delay_s"):
             await _collect(llm, "shed", [5, 6, 7], SamplingParams(max_tokens=1))
+        # Decode steps slower than the inter-token budget: new requests wait elsewhere.
+        llm._stats = {**llm._stats, "pending_prefill_tokens": 0}
+        llm.max_inter_token_latency_s = 0.2
+        llm._decode_step_s = 0.5
+        with pytest.raises(EngineOverloadedError, match="max_inter_token_latency_s"):
+            await _collect(llm, "shed2", [5, 6, 7], SamplingParams(max_tokens=1))
         blocker.cancel()
         await asyncio.gather(blocker, return_exceptions=True)
         await llm.shutdown(timeout_s=1)
@@ -370,8 +382,9 @@ def test_random_parameters_never_kill_the_engine_loop(make_tiny_model):
     rng = random.Random(0)
 
     def params() -> SamplingParams:
+        max_tokens = rng.randint(1, 6)
         return SamplingParams(
-            max_tokens=rng.randint(1, 6),
+            max_tokens=max_tokens,
             temperature=rng.choice([0.0, 1e-30, 1e-6, 0.5, 2.0, 100.0]),
             top_p=rng.choice([1e-300, 0.1, 1.0]),
             top_k=rng.choice([-1, 1, 5, 1000]),
@@ -380,7 +393,7 @@ def test_random_parameters_never_kill_the_engine_loop(make_tiny_model):
             presence_penalty=rng.uniform(-2, 2),
             frequency_penalty=rng.uniform(-2, 2),
             logprobs=rng.choice([None, 0, 20]),
-            min_tokens=rng.randint(0, 3),
+            min_tokens=rng.randint(0, min(3, max_tokens)),
         )
 
     async def main():
