@@ -415,6 +415,7 @@ def kvmesh_config(args: argparse.Namespace, workdir: Path) -> Path | None:
     if args.kvmesh_admission == "default":
         return None
     budget_s = (args.slo_e2e_ms - args.slo_ttft_ms) / 1000 / args.output_len
+    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "kvmesh_overload.yaml"
     path.write_text(
         "models:\n"

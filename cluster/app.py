@@ -16,7 +16,7 @@ from ray.serve.deployment import Application
 
 from kvmesh.cluster.config import AppConfig, ModelConfig, deployment_name
 from kvmesh.replicas.deployment import LLMReplica
-from kvmesh.router.ingress import Ingress
+from kvmesh.router.ingress import Ingress, IngressConfig
 from kvmesh.router.stats_hub import StatsHub
 
 INGRESS_NAME = "kvmesh-ingress"
@@ -60,13 +60,16 @@ def build_app(config: AppConfig) -> Application:
         model_apps[m.name] = deployment.bind(
             m.engine.model_dump(exclude_defaults=True), m.name, m.replica_options(config), hub
         )
+    # Check what the ingress will be built with here, where a mistake is one clear error,
+    # rather than inside Serve (a failed deployment whose cause is only in Ray's logs).
+    ingress_config = IngressConfig.model_validate(config.ingress_config()).model_dump()
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name=INGRESS_NAME,
         num_replicas=config.ingress_replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=10_000,  # the ingress only waits on replicas; limits live there
     )
-    return ingress.bind(config.ingress_config(), model_apps, hub)
+    return ingress.bind(ingress_config, model_apps, hub)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -61,6 +61,11 @@ DEFAULT_WATCHDOG_S = 120.0
 Longer than any legitimate step: a full prefill chunk of a large model on a CPU core."""
 
 
+def _ewma(old: float | None, new: float, weight: float = 0.2) -> float:
+    """Exponentially weighted average: recent steps count most, one odd step little."""
+    return new if old is None else (1 - weight) * old + weight * new
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -94,8 +99,10 @@ class AsyncLLM:
         # Prompt tokens the engine computes per second (EWMA over steps with real prefill
         # work): turns queued prefill tokens into an expected wait for admission control.
         self._prefill_rate: float | None = None
-        # Seconds per step that decodes (EWMA): every running request's inter-token latency.
+        # Seconds per step that decodes, and how many sequences it decoded (EWMAs): every
+        # running request's inter-token latency, and the batch that latency was measured at.
         self._decode_step_s: float | None = None
+        self._decode_batch: float | None = None
         self._last_progress = time.monotonic()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
@@ -203,12 +210,23 @@ class AsyncLLM:
                 f"expected queueing delay {delay:.1f}s exceeds the limit of {limit:g}s "
                 "(max_queue_delay_s)"
             )
-        itl, limit = self._decode_step_s, self.max_inter_token_latency_s
+        itl, limit = self.expected_inter_token_latency_s(), self.max_inter_token_latency_s
         if limit is not None and itl is not None and itl > limit:
             raise EngineOverloadedError(
-                f"inter-token latency {itl:.2f}s exceeds the limit of {limit:g}s "
+                f"expected inter-token latency {itl:.2f}s exceeds the limit of {limit:g}s "
                 "(max_inter_token_latency_s)"
             )
+
+    def expected_inter_token_latency_s(self) -> float | None:
+        """Decode step time once one more request runs beside those in flight.
+
+        Measured step time scaled by batch size (a CPU decode step is compute-bound, its time
+        grows about linearly with the batch): requests admitted since the last measurement
+        count too, so a burst is not all admitted before the measurement catches up.
+        """
+        if self._decode_step_s is None or self._decode_batch is None:
+            return None
+        return self._decode_step_s * (len(self._streams) + 1) / max(self._decode_batch, 1.0)
 
     def stats(self) -> dict[str, Any]:
         """Counters as of the last step (read without stopping the engine)."""
@@ -322,13 +340,11 @@ class AsyncLLM:
     def _observe_step(self, seconds: float) -> None:
         self._last_progress = time.monotonic()
         if self.engine.last_step_decodes:
-            old = self._decode_step_s
-            self._decode_step_s = seconds if old is None else 0.8 * old + 0.2 * seconds
+            self._decode_step_s = _ewma(self._decode_step_s, seconds)
+            self._decode_batch = _ewma(self._decode_batch, self.engine.last_step_decodes)
         tokens = self.engine.last_step_prefill_tokens
         if tokens >= MIN_RATE_SAMPLE_TOKENS and seconds > 0:
-            rate = tokens / seconds
-            old = self._prefill_rate
-            self._prefill_rate = rate if old is None else 0.8 * old + 0.2 * rate
+            self._prefill_rate = _ewma(self._prefill_rate, tokens / seconds)
 
     def _fail_streams(self, err: BaseException, error: BaseException | None = None) -> None:
         """End every open stream with ``err``; with ``error``, also mark the engine dead (under

@@ -111,7 +111,9 @@ class Ingress:
         except ValidationError as exc:
             raise from_validation_error(exc) from None
 
-    async def prepare(self, encode: Callable[[], list[tuple[str | None, list[int]]]], info):
+    async def prepare(
+        self, encode: Callable[[], list[tuple[str | None, list[int]]]], info: ModelInfo
+    ) -> list[PromptInput]:
         """Tokenise (chat template, too) and hash the prompts in a worker thread: a long
         prompt costs milliseconds to seconds of CPU, which must not stall the event loop
         that streams every other request's tokens."""

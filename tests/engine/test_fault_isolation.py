@@ -365,7 +365,7 @@ def test_admission_sheds_requests_that_would_wait_too_long(make_tiny_model):
         # Decode steps slower than the inter-token budget: new requests wait elsewhere.
         llm._stats = {**llm._stats, "pending_prefill_tokens": 0}
         llm.max_inter_token_latency_s = 0.2
-        llm._decode_step_s = 0.5
+        llm._decode_step_s, llm._decode_batch = 10.0, 1.0
         with pytest.raises(EngineOverloadedError, match="max_inter_token_latency_s"):
             await _collect(llm, "shed2", [5, 6, 7], SamplingParams(max_tokens=1))
         blocker.cancel()
