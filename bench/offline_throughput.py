@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from serving_harness import vllm_scratch_env
 from workloads import random_requests
 
 
@@ -85,6 +86,7 @@ def run_hf(args) -> dict:
 VLLM_SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, {bench!r})
+from serving_harness import vllm_scratch_env
 from workloads import random_requests
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
@@ -105,17 +107,7 @@ def run_vllm(args, bind_both_cores: bool) -> dict:
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVMESH")}
-    for var in (
-        "XDG_CACHE_HOME",
-        "VLLM_CACHE_ROOT",
-        "VLLM_CONFIG_ROOT",
-        "TORCHINDUCTOR_CACHE_DIR",
-        "TRITON_CACHE_DIR",
-        "TMPDIR",
-        "VLLM_RPC_BASE_PATH",
-    ):
-        env[var] = str(scratch / var.lower())
-        Path(env[var]).mkdir(exist_ok=True)
+    env.update(vllm_scratch_env(scratch))
     env.update(VLLM_NO_USAGE_STATS="1", VLLM_CPU_KVCACHE_SPACE="2")
     if bind_both_cores:
         env.update(VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_OMP_THREADS_BIND="0-1")

@@ -202,6 +202,28 @@ def kvmesh_server(
     )
 
 
+VLLM_CACHE_VARS = (
+    "XDG_CACHE_HOME",
+    "VLLM_CACHE_ROOT",
+    "VLLM_CONFIG_ROOT",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TRITON_CACHE_DIR",
+    "TMPDIR",
+    "VLLM_RPC_BASE_PATH",
+)
+
+
+def vllm_scratch_env(scratch: Path) -> dict[str, str]:
+    """Every cache and temp folder vLLM (and torch inductor, triton) writes, inside
+    ``scratch``: nothing of a benchmark run lands in the home directory or /tmp at large."""
+    env = {}
+    for var in VLLM_CACHE_VARS:
+        path = scratch / var.lower()
+        path.mkdir(parents=True, exist_ok=True)
+        env[var] = str(path)
+    return env
+
+
 def vllm_server(python: str, model_dir: str, port: int, workdir: Path, name: str) -> Server:
     """vLLM's OpenAI server (CPU build) from its own venv, every cache in ``workdir``."""
     scratch = workdir / "vllm-scratch"
@@ -213,18 +235,7 @@ def vllm_server(python: str, model_dir: str, port: int, workdir: Path, name: str
             "DO_NOT_TRACK": "1",
         }
     )
-    for var in (
-        "XDG_CACHE_HOME",
-        "VLLM_CACHE_ROOT",
-        "VLLM_CONFIG_ROOT",
-        "TORCHINDUCTOR_CACHE_DIR",
-        "TRITON_CACHE_DIR",
-        "TMPDIR",
-        "VLLM_RPC_BASE_PATH",
-    ):
-        path = scratch / var.lower()
-        path.mkdir(parents=True, exist_ok=True)
-        env[var] = str(path)
+    env.update(vllm_scratch_env(scratch))
     cmd = [
         python,
         "-m",
