@@ -35,6 +35,7 @@ without it the router learns a request's blocks from the replica's next report i
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -110,6 +111,10 @@ class PrefixAwareRequestRouter(RequestRouter):
             if inputs is not None:
                 stamp(inputs.carrier, core.router_id, seq)
             key = pending_request.metadata.internal_request_id
+            if key not in self._decisions:
+                pending_request.future.add_done_callback(
+                    functools.partial(self._release_if_cancelled, key)
+                )
             self._decisions[key] = _Routed(decision, inputs, seq, session_id)
             core.reserve(
                 decision.best,
@@ -144,6 +149,13 @@ class PrefixAwareRequestRouter(RequestRouter):
             routed.session_id,
             reserved=routed.decision.best,
         )
+
+    def _release_if_cancelled(self, request_id: str, future: Any) -> None:
+        """A request cancelled before Serve sent it (its caller left) never reaches a replica,
+        so no replica will acknowledge it: drop its reservation rather than count it as load
+        until the backstop expires (which steered every request elsewhere meanwhile)."""
+        if future.cancelled() and self._decisions.pop(request_id, None) is not None:
+            self._ensure_core().on_completed(request_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._decisions.pop(internal_request_id, None)

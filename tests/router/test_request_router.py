@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from ray.serve._private.common import (
     DeploymentHandleSource,
@@ -106,3 +108,28 @@ async def test_dead_and_removed_replicas_are_dropped():
 def test_unknown_router_kwargs_are_rejected():
     with pytest.raises(ValueError):
         _router(not_a_knob=1)
+
+
+async def test_a_request_cancelled_before_it_is_sent_releases_its_reservation():
+    """A caller that leaves while its request waits for a replica: the replica never hears of
+    it, so the reservation must go, or that replica looks busy until the backstop expires."""
+    router = _router()
+    replicas = [StandIn(n) for n in "ab"]
+    router.update_replicas(replicas)
+    hint = RoutingHint(hashes(prompt(3, 64)), 64)
+    left = _pending(hint, "left")
+    best = (await router.choose_replicas(replicas, left))[0][0].replica_id.unique_id
+    await router.choose_replicas(replicas, left)  # Serve asks again after a backoff
+    assert router.core.loads.num_pending() == 1
+    left.future.cancel()
+    await asyncio.sleep(0)  # done callbacks run on the loop
+    assert router.core.loads.num_pending() == 0
+    assert router.core.loads.num_pending(best) == 0
+
+    # A request that was sent keeps its load until it completes.
+    sent = _pending(RoutingHint(hashes(prompt(4, 64)), 64), "sent")
+    chosen = (await router.choose_replicas(replicas, sent))[0][0]
+    sent.future.set_result(chosen)
+    router.on_request_routed(sent, chosen.replica_id, None)
+    await asyncio.sleep(0)
+    assert router.core.loads.num_pending(chosen.replica_id.unique_id) == 1

@@ -57,8 +57,8 @@ def assert_nothing_leaked(before: list) -> None:
 
 
 def wait_whole(serve_app, timeout_s: float = 120) -> float:
-    """Until every model has all its replicas healthy and idle with every KV block free, and
-    /ready says so; returns the seconds it took."""
+    """Until every model has exactly its replicas, all healthy and idle with every KV block
+    free, and /ready says so; returns the seconds it took."""
     expected = {m["name"]: m["replicas"] for m in serve_app.config["models"]}
     start = time.monotonic()
     last = None
@@ -77,11 +77,23 @@ def wait_whole(serve_app, timeout_s: float = 120) -> float:
                 idle = s["num_in_flight"] == 0 and s["kv_blocks_free"] == s["kv_blocks_total"]
                 if s.get("healthy") and idle and snap["model"] in counts:
                     counts[snap["model"]] += 1
-            if counts == expected:
+            listed = sum(1 for snap in snaps if snap["model"] in counts)
+            if counts == expected and listed == sum(expected.values()):  # no one left over
                 return time.monotonic() - start
             last = (ready.status_code, counts)
             time.sleep(0.3)
     raise AssertionError(f"app not whole after {timeout_s}s: {last}")
+
+
+def wait_gone(serve_app, model: str, replica: str, timeout_s: float = 60) -> None:
+    """Until ``replica`` no longer reports: Serve stopped it (its last push may outlive it by
+    the hub's expiry)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if replica not in {s["replica"] for s in serve_app.replicas(model)}:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{replica} still reports after {timeout_s}s: it was not replaced")
 
 
 def first_success_after(serve_app, start: float, timeout_s: float = 90) -> float:
@@ -152,9 +164,9 @@ def test_engine_loop_fault_fails_its_requests_clearly_and_the_replica_is_replace
         message, doomed = str(events), None
     assert "retry" in message and "debug hook" not in message  # no internals
     resumed = first_success_after(serve_app, started)
-    whole = wait_whole(serve_app)
     if doomed is not None:
-        assert doomed not in {s["replica"] for s in serve_app.replicas("tiny")}  # replaced
+        wait_gone(serve_app, "tiny", doomed)  # Serve replaced it
+    whole = wait_whole(serve_app)
     assert_nothing_leaked(actors_before)
     print(f"engine fault: serving resumed after {resumed:.1f}s, app whole after {whole:.1f}s")
 

@@ -126,20 +126,28 @@ def test_logprobs_and_token_id_prompts(oai, offline):
 
 
 def test_two_replicas_both_serve_and_are_named(serve_app):
-    seen = collections.Counter()
-    with serve_app.client() as c:
-        for i in range(16):
-            r = c.post(
-                "/v1/completions",
-                json={
-                    "model": "tiny",
-                    "prompt": f"request number {i}",
-                    "max_tokens": 2,
-                },
-            )
-            assert r.status_code == 200, r.text
-            seen[r.headers["x-kvmesh-replica"]] += 1
-            assert r.headers["x-kvmesh-model-version"] == "tiny"
+    """Waves of four concurrent requests: the router spreads load, so both replicas answer
+    (one at a time, a cold tie may fall on one replica for a while: routing is by load)."""
+
+    async def wave(c: httpx.AsyncClient, first: int) -> list[httpx.Response]:
+        bodies = [
+            {"model": "tiny", "prompt": f"request number {i}", "max_tokens": 8, "ignore_eos": True}
+            for i in range(first, first + 4)
+        ]
+        return await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+
+    async def main() -> collections.Counter:
+        seen = collections.Counter()
+        headers = {"Authorization": f"Bearer {serve_app.api_key}"}
+        async with httpx.AsyncClient(base_url=serve_app.url, headers=headers, timeout=60) as c:
+            for first in range(0, 16, 4):
+                for r in await wave(c, first):
+                    assert r.status_code == 200, r.text
+                    assert r.headers["x-kvmesh-model-version"] == "tiny"
+                    seen[r.headers["x-kvmesh-replica"]] += 1
+        return seen
+
+    seen = asyncio.run(main())
     assert len(seen) == 2 and all(name.startswith("tiny#") for name in seen), seen
 
 
