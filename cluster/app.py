@@ -14,7 +14,12 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 
-from kvmesh.cluster.config import AppConfig, ModelConfig, deployment_name
+from kvmesh.cluster.config import (
+    AppConfig,
+    ModelConfig,
+    deployment_name,
+    serve_autoscaling_config,
+)
 from kvmesh.replicas.deployment import LLMReplica
 from kvmesh.router.ingress import Ingress, IngressConfig
 from kvmesh.router.stats_hub import StatsHub
@@ -24,7 +29,7 @@ STATS_HUB_NAME = "kvmesh-stats"
 IMPORT_PATH = "kvmesh.cluster.app:app_builder"
 
 
-def model_deployment_options(m: ModelConfig) -> dict[str, Any]:
+def model_deployment_options(m: ModelConfig, app_name: str) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": deployment_name(m.name),
         "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
@@ -42,7 +47,9 @@ def model_deployment_options(m: ModelConfig) -> dict[str, Any]:
         ),
     }
     if m.autoscaling is not None:
-        options["autoscaling_config"] = m.autoscaling
+        options["autoscaling_config"] = serve_autoscaling_config(
+            m.autoscaling, model=m.name, app=app_name
+        )
     else:
         options["num_replicas"] = m.replicas
     return options
@@ -56,7 +63,9 @@ def build_app(config: AppConfig) -> Application:
     )
     model_apps = {}
     for m in config.models:
-        deployment = serve.deployment(LLMReplica).options(**model_deployment_options(m))
+        deployment = serve.deployment(LLMReplica).options(
+            **model_deployment_options(m, config.name)
+        )
         model_apps[m.name] = deployment.bind(
             m.engine.model_dump(exclude_defaults=True), m.name, m.replica_options(config), hub
         )

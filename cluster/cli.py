@@ -99,6 +99,22 @@ def cmd_build_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from kvmesh.cluster import status
+
+    models = status.collect(
+        args.url,
+        api_key=args.api_key or os.environ.get("KVMESH_API_KEY"),
+        ray_address=args.ray_address or status.default_ray_address(),
+        app=args.app,
+    )
+    print(json.dumps(status.as_json(models), indent=2) if args.json else status.render(models))
+    return 0
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     import json
 
@@ -201,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
     p.add_argument("--check", default=None, metavar="FILE", help="only check a Serve config")
     p.set_defaults(func=cmd_build_config)
+    p = sub.add_parser(
+        "status", help="each model's replicas, queue, KV use and autoscaler decision"
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the app's URL")
+    p.add_argument("--api-key", default=None, help="API key (default: $KVMESH_API_KEY)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster, for starting/stopping replica counts (default: $RAY_ADDRESS)",
+    )
+    p.add_argument("--app", default="kvmesh", help="Serve application name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_status)
     _add_bench_parser(sub)
     return parser
 

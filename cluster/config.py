@@ -31,6 +31,84 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
 
+AUTOSCALED_DRAIN_S = 300.0
+"""Default graceful_shutdown_timeout_s of an autoscaled model: a removed replica's longest
+stream (a few thousand tokens on a slow replica) finishes inside it."""
+
+SERVE_ONLY_KEYS = {
+    "target_ongoing_requests": "target_queue_s / waiting_high",
+    "upscale_delay_s": "up_window_s",
+    "downscale_delay_s": "down_window_s",
+    "upscaling_factor": "max_step_up",
+    "downscaling_factor": "down_window_s",
+    "upscale_smoothing_factor": "max_step_up",
+    "downscale_smoothing_factor": "down_window_s",
+    "smoothing_factor": "max_step_up",
+    "downscale_to_zero_delay_s": "down_window_s",
+}
+"""Serve keys that only its request-count policy reads, and kvmesh's knob for the same job."""
+
+KVMESH_POLICY_SERVE_DEFAULTS = {"metrics_interval_s": 1.0, "look_back_period_s": 5.0}
+"""Replicas report every second (Serve's default is 10 s: a burst would wait that long)."""
+
+KVMESH_POLICY_SERVE_FIXED = {
+    "upscale_delay_s": 0.0,
+    "downscale_delay_s": 0.0,
+    "downscale_to_zero_delay_s": 0.0,
+}
+"""Serve wraps every custom policy in its own delay logic (30 s up, 600 s down by default):
+kvmesh's policy has its own windows, so Serve's must pass each decision straight through (a
+30 s hold on top of a policy that re-decides every tick would never scale at all)."""
+
+
+def serve_autoscaling_config(value: dict[str, Any], *, model: str, app: str) -> dict[str, Any]:
+    """A model's ``autoscaling`` block as Ray Serve's ``autoscaling_config``.
+
+    ``policy: kvmesh`` (the default) runs ``cluster.autoscaling``: its knobs go to the policy,
+    Serve's bounds and metric windows to Serve. ``policy: serve`` passes everything to Ray's
+    request-count policy unchanged.
+    """
+    import warnings
+
+    from ray.serve.config import AutoscalingConfig
+
+    from kvmesh.cluster.autoscaling import AutoscalerConfig
+
+    value = dict(value)
+    policy = value.pop("policy", "kvmesh")
+    serve_keys = set(AutoscalingConfig.model_fields) - {"policy"}
+    if policy == "serve":
+        unknown = sorted(set(value) - serve_keys)
+        if unknown:
+            raise ValueError(f"unknown autoscaling keys: {', '.join(unknown)}")
+        out = value
+    elif policy == "kvmesh":
+        ours = set(AutoscalerConfig.model_fields)
+        unknown = sorted(set(value) - ours - serve_keys)
+        if unknown:
+            raise ValueError(f"unknown autoscaling keys: {', '.join(unknown)}")
+        for key in sorted(set(value) & set(SERVE_ONLY_KEYS)):
+            raise ValueError(
+                f"autoscaling.{key} is read only by Ray Serve's request-count policy; "
+                f"kvmesh's policy uses {SERVE_ONLY_KEYS[key]} (or set policy: serve)"
+            )
+        knobs = {k: v for k, v in value.items() if k in ours}
+        AutoscalerConfig(**knobs)
+        out = {**KVMESH_POLICY_SERVE_DEFAULTS}
+        out.update({k: v for k, v in value.items() if k in serve_keys})
+        out.update(KVMESH_POLICY_SERVE_FIXED)
+        out["policy"] = {
+            "policy_function": "kvmesh.cluster.autoscaling:ServeAutoscalingPolicy",
+            "policy_kwargs": {"model": model, "app": app, **knobs},
+        }
+    else:
+        raise ValueError(f"autoscaling.policy: {policy!r} is not 'kvmesh' or 'serve'")
+    with warnings.catch_warnings():  # metrics_interval_s: deprecated, still what replicas read
+        warnings.simplefilter("ignore", DeprecationWarning)
+        AutoscalingConfig(**out)
+    return out
+
+
 class ModelConfig(_Strict):
     """One served model: its own deployment, with its own replicas."""
 
@@ -39,8 +117,9 @@ class ModelConfig(_Strict):
     replicas: int = Field(default=1, ge=1)
     autoscaling: dict[str, Any] | None = Field(
         default=None,
-        description="Ray Serve autoscaling_config (min_replicas, max_replicas, ...); "
-        "replaces `replicas` when set.",
+        description="Autoscaling (replaces `replicas`): min_replicas, max_replicas and "
+        "kvmesh's policy knobs (cluster/autoscaling.py), or `policy: serve` with Ray Serve's "
+        "autoscaling_config keys.",
     )
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
@@ -94,13 +173,17 @@ class ModelConfig(_Strict):
     @classmethod
     def _autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
-            from ray.serve.config import AutoscalingConfig
-
-            unknown = sorted(set(value) - set(AutoscalingConfig.model_fields))
-            if unknown:
-                raise ValueError(f"unknown autoscaling keys: {', '.join(unknown)}")
-            AutoscalingConfig(**value)
+            serve_autoscaling_config(value, model="check", app="check")  # raises on mistakes
         return value
+
+    @model_validator(mode="after")
+    def _drain_time(self) -> ModelConfig:
+        # A replica the autoscaler removes finishes its streams first: give them time.
+        if self.autoscaling is not None and "graceful_shutdown_timeout_s" not in (
+            self.model_fields_set
+        ):
+            self.graceful_shutdown_timeout_s = AUTOSCALED_DRAIN_S
+        return self
 
     @model_validator(mode="after")
     def _router(self) -> ModelConfig:
@@ -233,6 +316,7 @@ class AppConfig(_Strict):
             "max_pending_requests": {m.name: m.max_pending_requests for m in self.models},
             "limits": self.limits.model_dump(),
             "debug_hooks": self.debug_hooks,
+            "app_name": self.name,
         }
 
     @property

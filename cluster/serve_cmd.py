@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel
 
 from kvmesh.cluster.config import AppConfig, load_config
+from kvmesh.router import autoscaler_reports
 
 READY_POLL_S = 0.5
 
@@ -242,6 +243,7 @@ def run_serve(config: AppConfig, ready_timeout_s: float | None = None) -> int:
         try:
             if joined:
                 serve.delete(config.name)
+                autoscaler_reports.clear(config.name, [m.name for m in config.models])
             else:
                 serve.shutdown()
         finally:

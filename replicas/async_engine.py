@@ -23,6 +23,7 @@ from kvmesh.replicas.config import EngineArgs
 from kvmesh.replicas.engine import LLMEngine, Prompt
 from kvmesh.replicas.outputs import RequestOutput
 from kvmesh.replicas.sampling_params import SamplingParams
+from kvmesh.replicas.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,27 @@ class AsyncLLM:
         self._error: BaseException | None = None
         self._ids = itertools.count()
         self._stats: dict[str, Any] = self.engine.stats()
-        self._thread = threading.Thread(target=self._run, name="kvmesh-engine", daemon=True)
+        warmed: queue.SimpleQueue = queue.SimpleQueue()  # None, or what the warm-up raised
+
+        def warm_up_then_run() -> None:
+            # The first request must not pay for a kernel build or any first-call cost, so the
+            # engine warms up before the constructor returns (the replica reports ready), on
+            # the thread that will serve: torch's OpenMP team and allocator arenas are per
+            # thread.
+            if self.engine.args.warmup:
+                try:
+                    warm_up(self.engine)
+                except BaseException as exc:
+                    warmed.put(exc)
+                    return
+            warmed.put(None)
+            self._run()
+
+        self._thread = threading.Thread(target=warm_up_then_run, name="kvmesh-engine", daemon=True)
         self._thread.start()
+        error = warmed.get()
+        if error is not None:
+            raise error
 
     # ---- public API ---------------------------------------------------------------------
     @property
@@ -191,6 +211,17 @@ class AsyncLLM:
             return None
         queued = self._stats.get("pending_prefill_tokens", 0) + num_prompt_tokens
         return queued / self._prefill_rate
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """The measured prefill rate (a moving average over recent steps); 0 until measured."""
+        return self._prefill_rate or 0.0
+
+    @property
+    def decode_step_s(self) -> float:
+        """Recent decode step time, i.e. every running request's inter-token latency (a
+        moving average); 0 until measured."""
+        return self._decode_step_s or 0.0
 
     def _check_queue_delay(self, num_prompt_tokens: int) -> None:
         """Shed at the door rather than admit a request the replica cannot serve in time.

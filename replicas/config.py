@@ -37,6 +37,11 @@ class EngineArgs(BaseModel):
     enable_chunked_prefill: bool = True
     tensor_parallel_size: int = Field(default=1, ge=1)
     seed: int = 0
+    warmup: bool = Field(
+        default=True,
+        description="Serving: warm the engine up (kernels, a short prefill and decode) before "
+        "the replica reports ready, so its first request runs at steady-state speed.",
+    )
 
 
 class ModelArchConfig(BaseModel):

@@ -22,6 +22,7 @@ they would pile up in the engine.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -82,6 +83,29 @@ class ReplicaOptions(BaseModel):
     )
 
 
+RECENT_TTFT_WINDOW_S = 30.0
+
+
+class RecentWindow:
+    """Values of the last ``window_s`` seconds (bounded), for a recent percentile."""
+
+    def __init__(self, window_s: float, max_len: int = 4096) -> None:
+        self.window_s = window_s
+        self._points: collections.deque[tuple[float, float]] = collections.deque(maxlen=max_len)
+
+    def add(self, value: float) -> None:
+        self._points.append((time.monotonic(), value))
+
+    def p90(self) -> float:
+        cutoff = time.monotonic() - self.window_s
+        while self._points and self._points[0][0] < cutoff:
+            self._points.popleft()
+        if not self._points:
+            return 0.0
+        values = sorted(v for _, v in self._points)
+        return values[min(len(values) - 1, int(0.9 * len(values)))]
+
+
 def _replica_name(model_name: str) -> str:
     """Serve's replica id when running under Serve; a random one otherwise (tests)."""
     try:
@@ -116,17 +140,18 @@ class LLMServer:
             watchdog_s=self.options.watchdog_s,
         )
         self.replica = _replica_name(model_name)
-        self.metrics = ReplicaMetrics(model_name, self.replica)
+        self.metrics = ReplicaMetrics(
+            model_name, self.replica, startup_phases=self.engine.engine.startup_phases
+        )
         self._hub = stats_hub
         self._closing = False
         self._pusher: asyncio.Task | None = None
         self._cache_reporter = self._make_cache_reporter()
+        self._recent_ttft = RecentWindow(RECENT_TTFT_WINDOW_S)
         with contextlib.suppress(RuntimeError):  # no running loop outside Serve: start lazily
             asyncio.get_running_loop()
             self._ensure_pusher()
-        log.info(
-            "replica %s ready (engine load %.1fs)", self.replica, self.engine.engine.load_seconds
-        )
+        log.info("replica %s ready (start-up phases: %s)", self.replica, self.startup_phases())
 
     # ---- the request path -----------------------------------------------------------------
     async def generate(self, req: ReplicaRequest) -> AsyncIterator[ReplicaChunk]:
@@ -168,6 +193,7 @@ class LLMServer:
             )
             sent = 0
             out = await first
+            self._recent_ttft.add(time.time() - t_received)
             while True:
                 yield self._chunk(out)
                 sent += 1
@@ -256,9 +282,25 @@ class LLMServer:
         """Load for the request router, plus the cache contents it matches prefixes against."""
         return {**self.load(), **(await self._cache_contents())}
 
+    def startup_phases(self) -> dict[str, float]:
+        """Seconds this replica took to start, by phase (files, weights, KV cache, kernels,
+        warm-up): the ``kvmesh:replica_startup_seconds`` gauge."""
+        return {k: round(v, 3) for k, v in self.engine.engine.startup_phases.items()}
+
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """The same load figures, for an ``AutoscalingPolicy`` (``aggregated_metrics``)."""
-        return {k: float(v) for k, v in self.load().items()}
+        """What kvmesh's autoscaling policy reads (``cluster/autoscaling.py``): the load
+        figures, the queued prefill work and the rate it drains at, recent TTFT p90 and the
+        preemption counter."""
+        s = self.engine.stats()
+        return {
+            **{k: float(v) for k, v in self.load().items()},
+            "pending_prefill_tokens": float(s.get("pending_prefill_tokens", 0)),
+            "prefill_tokens_per_s": float(self.engine.prefill_tokens_per_s),
+            "decode_step_s": float(self.engine.decode_step_s),
+            "ttft_p90_s": self._recent_ttft.p90(),
+            "num_preemptions": float(s.get("num_preemptions", 0)),
+            "max_num_seqs": float(self.engine.engine.args.max_num_seqs),
+        }
 
     def load(self) -> dict[str, Any]:
         """Load figures; a replica whose engine cannot serve says so (``healthy`` 0) rather

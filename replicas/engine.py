@@ -65,6 +65,9 @@ class LLMEngine:
         args = args or EngineArgs(**kwargs)
         self.args = args
         start = time.perf_counter()
+        # Seconds per start-up phase (model_files, load_weights, kv_cache; the warm-up adds
+        # kernels and warmup): the replica's start-up time, for metrics and autoscaling.
+        self.startup_phases: dict[str, float] = {}
         self.model_dir = resolve_model_dir(args.model)
         self.arch = ModelArchConfig.from_dir(self.model_dir)
         self.model_name = args.served_model_name or (args.model or "SmolLM2-135M-Instruct")
@@ -81,7 +84,11 @@ class LLMEngine:
                 f"({args.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})"
             )
         torch.manual_seed(args.seed)
+        self.startup_phases["model_files"] = time.perf_counter() - start
+        built = time.perf_counter()
         self.runner, num_blocks = self._build_runner()
+        if "load_weights" not in self.startup_phases:  # an override (tensor parallel): one phase
+            self.startup_phases["load_weights"] = time.perf_counter() - built
         self.kv = KVCacheManager(
             num_blocks,
             args.block_size,
@@ -113,13 +120,17 @@ class LLMEngine:
         ``TPEngine`` overrides this to spread the model and cache over tensor-parallel ranks.
         """
         args = self.args
+        start = time.perf_counter()
         self.model = load_model(
             self.model_dir, self.arch, self.dtype, self.device, self.max_model_len
         )
+        self.startup_phases["load_weights"] = time.perf_counter() - start
+        start = time.perf_counter()
         num_blocks = self._num_kv_blocks()
         kv_caches = allocate_kv_cache(
             self.arch, num_blocks, args.block_size, self.dtype, args.kv_cache_dtype, self.device
         )
+        self.startup_phases["kv_cache"] = time.perf_counter() - start
         return ModelRunner(self.model, kv_caches, self.device), num_blocks
 
     def _num_kv_blocks(self, num_kv_heads: int | None = None) -> int:

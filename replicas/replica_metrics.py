@@ -10,7 +10,7 @@ The text travels to the app's stats hub; the ingress merges every replica's text
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -115,11 +115,13 @@ _STAT_KEY = {"kv_cache_usage_perc": "kv_cache_usage"}
 
 
 class _EngineStatsCollector(Collector):
-    """Yields gauges and counters from the engine stats most recently handed to ``render``."""
+    """Yields gauges and counters from the engine stats most recently handed to ``render``,
+    and the replica's start-up time by phase."""
 
-    def __init__(self, labels: tuple[str, str]) -> None:
+    def __init__(self, labels: tuple[str, str], startup_phases: Mapping[str, float]) -> None:
         self.labels = list(labels)
         self.stats: dict[str, Any] = {}
+        self.startup_phases = startup_phases
 
     def collect(self) -> Iterator[Metric]:
         for name, doc in _GAUGES.items():
@@ -130,14 +132,27 @@ class _EngineStatsCollector(Collector):
             family = CounterMetricFamily(f"kvmesh:{name}", doc, labels=LABELS)
             family.add_metric(self.labels, float(self.stats.get(name, 0)))
             yield family
+        if self.startup_phases:
+            family = GaugeMetricFamily(
+                "kvmesh:replica_startup_seconds",
+                "Seconds this replica spent starting, by phase (model_files, load_weights, "
+                "kv_cache, kernels, warmup); their sum is the time to ready.",
+                labels=[*LABELS, "phase"],
+            )
+            for phase, seconds in self.startup_phases.items():
+                family.add_metric([*self.labels, phase], float(seconds))
+            yield family
 
 
 class ReplicaMetrics:
-    def __init__(self, model_name: str, replica: str) -> None:
+    def __init__(
+        self, model_name: str, replica: str, startup_phases: Mapping[str, float] | None = None
+    ) -> None:
+        """``startup_phases``: seconds per start-up phase (``LLMEngine.startup_phases``)."""
         disable_created_metrics()  # *_created series only add noise to a merged exposition
         self.registry = CollectorRegistry(auto_describe=True)
         labels = (model_name, replica)
-        self._stats = _EngineStatsCollector(labels)
+        self._stats = _EngineStatsCollector(labels, startup_phases or {})
         self.registry.register(self._stats)
 
         def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:

@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect
 
 from kvmesh.replicas.sampling_params import SamplingParams
 from kvmesh.replicas.wire import ReplicaChunk, ReplicaRequest
-from kvmesh.router import limits
+from kvmesh.router import autoscaler_reports, limits
 from kvmesh.router import openai_format as fmt
 from kvmesh.router.auth import APIKeyAuth, keys_from_env, keys_from_file
 from kvmesh.router.errors import APIError, from_validation_error
@@ -66,6 +66,8 @@ class IngressConfig(BaseModel):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     replica_retries: int = Field(default=4, ge=0)
     debug_hooks: bool = False
+    app_name: str = ""
+    """The Serve app (autoscaler reports are kept per app and model)."""
 
 
 class Ingress:
@@ -450,9 +452,22 @@ class Ingress:
                 counts[snap["model"]] += 1
         return all(counts.values()), counts
 
+    async def autoscaler_reports(self) -> list[dict[str, Any]]:
+        """Each autoscaled model's latest autoscaler decision (empty outside a Ray cluster)."""
+        if not self.config.app_name:
+            return []
+        try:
+            return await asyncio.to_thread(
+                autoscaler_reports.read, self.config.app_name, list(self.config.models)
+            )
+        except Exception as exc:  # the GCS is briefly unreachable: metrics without them
+            log.warning("autoscaler reports unavailable: %r", exc)
+            return []
+
     async def metrics_text(self) -> str:
         texts = [self.metrics.render(), router_metrics.render()]
         texts.extend(s["metrics_text"] for s in await self.replica_snapshot())
+        texts.append(autoscaler_reports.render(await self.autoscaler_reports()))
         return merge_expositions(texts)
 
 
@@ -537,6 +552,11 @@ def build_api(ing: Ingress) -> FastAPI:
         ing.auth.check(request.headers.get("authorization"))
         text = await ing.metrics_text()
         return ok(request, PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST))
+
+    @app.get("/debug/autoscaler")
+    async def debug_autoscaler(request: Request) -> Response:
+        ing.auth.check(request.headers.get("authorization"))
+        return ok(request, JSONResponse(await ing.autoscaler_reports()))
 
     @app.get("/debug/replicas")
     async def debug_replicas(request: Request) -> Response:

@@ -431,6 +431,19 @@ def _build() -> dict[str, Any]:
                 },
             }
         },
+        "/debug/autoscaler": {
+            "get": {
+                "operationId": "debugAutoscaler",
+                "summary": "Each autoscaled model's latest autoscaler decision",
+                "responses": {
+                    "200": json_response(
+                        "One entry per autoscaled model.",
+                        {"type": "array", "items": {"type": "object"}},
+                    ),
+                    "401": error_response(401),
+                },
+            }
+        },
     }
     return {
         "openapi": "3.1.0",

@@ -74,7 +74,15 @@ def app_config(model_a: Path, model_b: Path, port: int) -> dict:
         "port": port,
         "models": [
             model("tiny", model_a, 2, request_router="prefix_aware"),
-            model("tiny-b", model_b, 1, max_pending_requests=2),
+            # Autoscaled by kvmesh's policy between 1 and 1: the policy runs and reports
+            # (autoscaler metrics, /debug/autoscaler) without the replica count moving.
+            model(
+                "tiny-b",
+                model_b,
+                1,
+                max_pending_requests=2,
+                autoscaling={"min_replicas": 1, "max_replicas": 1},
+            ),
             # One request at a time, one more may wait for it: the third is refused (503).
             model("tiny-q", model_b, 1, max_ongoing_requests=1, max_queued_requests=1),
         ],
