@@ -315,12 +315,15 @@ class AsyncLLM:
             with contextlib.suppress(RuntimeError):
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self) -> bool:
+        """Apply queued adds and aborts; True if any were."""
+        applied = False
         while True:
             try:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return applied
+            applied = True
             if isinstance(cmd, _Add):
                 if cmd.request_id not in self._streams:
                     continue  # aborted before it was added
@@ -348,7 +351,11 @@ class AsyncLLM:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._drain_inbox()
+                if self._drain_inbox():
+                    # What was just added counts before the step that computes it: a long
+                    # prefill step (seconds on a CPU) must not hide its own queue from the
+                    # router, admission and the autoscaler.
+                    self._stats = self.engine.stats()
                 if self.engine.has_unfinished_requests():
                     t0 = time.monotonic()
                     outputs = self.engine.step()

@@ -38,9 +38,9 @@ AUTOSCALING = {
     "down_window_s": 4.0,
     "down_cooldown_s": 8.0,
     "target_utilization": 0.7,
-    "down_utilization": 0.3,
+    "down_utilization": 0.4,
 }
-STREAM_EVERY_S = 3.0
+STREAM_EVERY_S = 2.0
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "cat", "runs")
 
 
@@ -209,7 +209,7 @@ async def scenario(url: str, tl: Timeline) -> None:
         while time.monotonic() < deadline:
             streams.append(
                 asyncio.create_task(
-                    completion(c, tl, "stream", prompt="a long story:", max_tokens=150, stream=True)
+                    completion(c, tl, "stream", prompt="a long story:", max_tokens=300, stream=True)
                 )
             )
             await asyncio.sleep(STREAM_EVERY_S)

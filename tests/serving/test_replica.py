@@ -125,6 +125,33 @@ async def test_load_figures_for_router_and_autoscaler(make_server):
     assert all(isinstance(v, float) for v in autoscaling.values())
 
 
+async def test_a_long_step_does_not_hide_its_own_queue_from_the_autoscaler(make_server):
+    """Requests added just before a long prefill step are reported while the step runs (the
+    stats were taken after the previous step: a whole burst absorbed by one 20 s step on a
+    CPU read as an idle replica, and the autoscaler removed the replica it had just added)."""
+    server = make_server()
+    engine = server.engine.engine
+    execute = engine.runner.execute
+    entered = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow(inputs):
+        loop.call_soon_threadsafe(entered.set)
+        time.sleep(0.5)
+        return execute(inputs)
+
+    engine.runner.execute = slow
+    first = asyncio.ensure_future(server.generate(request("slow", max_tokens=2)).__anext__())
+    await asyncio.wait_for(entered.wait(), 5)
+    during = server.record_autoscaling_stats()
+    assert during["pending_prefill_tokens"] == len(PROMPT)  # the step computing it is running
+    assert during["num_running"] + during["num_waiting"] == 1
+    assert during["max_num_seqs"] == ENGINE["max_num_seqs"]
+    await first
+    engine.runner.execute = execute
+    await server.engine.shutdown(timeout_s=5)
+
+
 async def test_cache_report_for_the_prefix_aware_router(make_server):
     from kvmesh.router.routing import PAYLOAD_KEY, parse_report
 
