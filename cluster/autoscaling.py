@@ -6,11 +6,17 @@ This policy reads what each replica's engine knows instead (``record_autoscaling
 * **queue seconds**: prefill tokens admitted but not computed, divided by the replica's
   measured prefill rate. This is the time-to-first-token the next request will see, known
   *before* anyone has waited it: a burst of long prompts scales up at once.
-* **KV-cache use**: near full, the scheduler preempts running requests.
-* **TTFT p90** over the last window, the **decode step time** (every running request's
-  inter-token latency), and **preemptions** since the last tick: what the users already see
-  (TTFT and ITL count only when a target is set).
+* **prefill busy**: the share of the replica's prefill capacity the arriving prompts use
+  (prefill tokens computed per second over the measured prefill rate). Queue seconds stay near
+  zero until a replica is nearly saturated and then jump; this sees the load before it
+  queues.
+* **KV-cache use**: near full, the scheduler preempts running requests; and **preemptions**
+  per second.
 * **waiting requests**, for replicas that have not measured a prefill rate yet.
+* **TTFT p90** over the last window and the **decode step time** (every running request's
+  inter-token latency): what users already see, when a target is set. They trigger scale-ups
+  only: latency is not load that spreads over replicas (a request's own prefill is in its
+  TTFT however many replicas run), so it never keeps a replica that the load does not need.
 
 Each replica's *utilisation* is the largest of these, each divided by its target (1.0 =
 saturated). The fleet needs ``ceil(sum(utilisation) / target_utilization)`` replicas; it scales
@@ -36,7 +42,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -80,6 +86,12 @@ class AutoscalerConfig(BaseModel):
         description="Decode step time (inter-token latency) at which a replica is saturated; "
         "null: not a signal.",
     )
+    prefill_busy_high: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Share of the prefill capacity in use at which a replica is saturated.",
+    )
     preemptions_high_per_s: float = Field(
         default=1.0, gt=0, description="Preemptions per second at which a replica is saturated."
     )
@@ -109,7 +121,7 @@ class AutoscalerConfig(BaseModel):
         default=20.0, gt=0, description="Reports older than this are ignored."
     )
     signal_window_s: float = Field(
-        default=5.0,
+        default=2.0,
         gt=0,
         description="Replica gauges are averaged over this window (Serve keeps "
         "look_back_period_s of samples).",
@@ -143,7 +155,9 @@ class ReplicaSignals:
     """Over the replica's recent window; 0 with no recent requests."""
     decode_step_s: float = 0.0
     """Recent decode step time: every running request's inter-token latency."""
-    preemptions_total: float = 0.0
+    prefill_busy: float = 0.0
+    """Prefill tokens computed per second over the prefill rate (0 until measured)."""
+    preemptions_per_s: float = 0.0
     max_num_seqs: float = 0.0
     """The replica's batch slots (0: not reported)."""
     healthy: bool = True
@@ -174,6 +188,7 @@ class Reason(StrEnum):
     UP_TTFT = "up_ttft"
     UP_ITL = "up_itl"
     UP_PREEMPTION = "up_preemption"
+    UP_BUSY = "up_busy"
     UP_WAITING = "up_waiting"
     UP_MIN = "up_min"
     DOWN_LOW_LOAD = "down_low_load"
@@ -193,6 +208,7 @@ _SIGNAL_REASON = {
     "ttft": Reason.UP_TTFT,
     "itl": Reason.UP_ITL,
     "preemption": Reason.UP_PREEMPTION,
+    "busy": Reason.UP_BUSY,
     "waiting": Reason.UP_WAITING,
 }
 
@@ -216,7 +232,7 @@ class Decision:
     """Worst replica's TTFT p90."""
     reporting: int
     dominant: str = ""
-    """The signal that set the utilisation: queue, kv, ttft, preemption or waiting."""
+    """The signal that set the utilisation: queue, busy, kv, waiting, preemption, ttft, itl."""
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "reason": self.reason.value}
@@ -229,8 +245,6 @@ class PolicyState:
     up_since: float | None = None
     down_since: float | None = None
     last_scale_up: float | None = None
-    preemptions: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Replica -> (preemption counter, when seen): the rate needs the previous reading."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> PolicyState:
@@ -239,7 +253,6 @@ class PolicyState:
             up_since=d.get("up_since"),
             down_since=d.get("down_since"),
             last_scale_up=d.get("last_scale_up"),
-            preemptions={k: tuple(v) for k, v in (d.get("preemptions") or {}).items()},
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -252,19 +265,32 @@ class Autoscaler:
     def __init__(self, config: AutoscalerConfig) -> None:
         self.config = config
 
-    def utilization(self, r: ReplicaSignals, preemptions_per_s: float = 0.0) -> tuple[float, str]:
-        """How saturated one replica is (1.0 = at a limit), and which signal says so."""
+    def load_parts(self, r: ReplicaSignals) -> dict[str, float]:
+        """The load signals over their targets: work that spreads over replicas."""
         c = self.config
-        parts = {
+        return {
             "queue": r.queue_s / c.target_queue_s,
+            "busy": r.prefill_busy / c.prefill_busy_high,
             "kv": r.kv_usage / c.kv_high,
             "waiting": r.waiting / c.waiting_high,
-            "preemption": preemptions_per_s / c.preemptions_high_per_s,
+            "preemption": r.preemptions_per_s / c.preemptions_high_per_s,
         }
+
+    def latency_parts(self, r: ReplicaSignals) -> dict[str, float]:
+        """The latency signals over their targets (scale-up triggers only)."""
+        c = self.config
+        parts = {}
         if c.ttft_target_s is not None:
             parts["ttft"] = r.ttft_p90_s / c.ttft_target_s
         if c.itl_target_s is not None:
             parts["itl"] = r.decode_step_s / c.itl_target_s
+        return parts
+
+    def utilization(self, r: ReplicaSignals, *, latency: bool = True) -> tuple[float, str]:
+        """How saturated one replica is (1.0 = at a limit), and which signal says so."""
+        parts = self.load_parts(r)
+        if latency:
+            parts.update(self.latency_parts(r))
         dominant = max(parts, key=parts.__getitem__)
         return parts[dominant], dominant
 
@@ -285,27 +311,19 @@ class Autoscaler:
         usable = {
             rid: r for rid, r in view.replicas.items() if r.healthy and r.age_s <= c.stale_after_s
         }
-        # Preemption rates from the counters' movement since the last tick.
-        rates: dict[str, float] = {}
-        seen: dict[str, tuple[float, float]] = {}
-        for rid, r in usable.items():
-            prev = state.preemptions.get(rid)
-            if prev is not None and now > prev[1]:
-                rates[rid] = max(r.preemptions_total - prev[0], 0.0) / (now - prev[1])
-            seen[rid] = (r.preemptions_total, now)
-        state.preemptions = seen
-
-        utils = {rid: self.utilization(r, rates.get(rid, 0.0)) for rid, r in usable.items()}
-        total = sum(u for u, _ in utils.values())
         n = len(usable)
-        dominant = ""
-        if utils:
-            dominant = max(utils.values())[1]
+        loads = {rid: self.utilization(r, latency=False) for rid, r in usable.items()}
         # Replicas that are running but have not reported usably (just started, stale) are
         # assumed as loaded as the others; none reporting at all: hold.
-        mean_u = total / n if n else 0.0
-        fleet_load = mean_u * max(view.running, n)
-        needed = fleet_load / c.target_utilization
+        mean_u = sum(u for u, _ in loads.values()) / n if n else 0.0
+        work = mean_u * max(view.running, n)
+        needed = work / c.target_utilization
+        # Latency over its target (mean over replicas): one more replica, whatever the load.
+        latencies = [self.latency_parts(r) for r in usable.values()]
+        late = {k: sum(p[k] for p in latencies) / n for k in (latencies[0] if n else {})}
+        late_signal = max(late, key=late.__getitem__) if late else ""
+        late_over = bool(late_signal) and late[late_signal] >= 1.0
+        dominant = late_signal if late_over else (max(loads.values())[1] if loads else "")
 
         def decision(target: int, reason: Reason) -> Decision:
             return Decision(
@@ -335,8 +353,10 @@ class Autoscaler:
             state.up_since = state.down_since = None
             return decision(current, Reason.HOLD_NO_METRICS)
 
-        want_up = math.ceil(needed - 1e-9) > current and mean_u > c.target_utilization
-        if want_up:
+        load_up = math.ceil(needed - 1e-9) > current and mean_u > c.target_utilization
+        # Latency adds one replica at a time, and waits for it: what is starting may fix it.
+        late_up = late_over and starting == 0
+        if load_up or late_up:
             state.down_since = None
             if current >= c.max_replicas:
                 state.up_since = None
@@ -345,12 +365,15 @@ class Autoscaler:
                 state.up_since = now
             if now - state.up_since < c.up_window_s:
                 return decision(current, Reason.HOLD_UP_WINDOW)
-            target = min(math.ceil(needed - 1e-9), current + c.max_step_up, c.max_replicas)
+            want = math.ceil(needed - 1e-9) if load_up else current
+            if late_up:
+                want = max(want, current + 1)
+            target = min(want, current + c.max_step_up, c.max_replicas)
             state.up_since = None
             state.last_scale_up = now
             return decision(target, _SIGNAL_REASON.get(dominant, Reason.UP_QUEUE))
         state.up_since = None
-        if starting and mean_u > c.target_utilization:
+        if starting and (mean_u > c.target_utilization or late_over):
             return decision(current, Reason.HOLD_STARTING)
 
         # Down: would the load still be comfortable on one replica fewer?
@@ -358,7 +381,7 @@ class Autoscaler:
             if current > 1:
                 # Both the work and the requests must fit: a replica has only so many batch
                 # slots, and requests that do not get one wait (the load would bounce back).
-                after = max(fleet_load, self.batch_load(usable, view.running)) / (current - 1)
+                after = max(work, self.batch_load(usable, view.running)) / (current - 1)
                 fits = after < c.down_utilization
             else:  # to zero: only with nothing at all running or waiting
                 fits = all(r.running == 0 and r.waiting == 0 for r in usable.values())
@@ -388,9 +411,14 @@ SIGNAL_KEYS = {
     "prefill_tokens_per_s": "prefill_tokens_per_s",
     "ttft_p90_s": "ttft_p90_s",
     "decode_step_s": "decode_step_s",
-    "preemptions_total": "num_preemptions",
     "max_num_seqs": "max_num_seqs",
 }
+
+COUNTERS = {
+    "num_preemptions": "preemptions_per_s",
+    "prefill_tokens_total": "prefill_tokens_computed_per_s",
+}
+"""Reported counters the adapter turns into per-second rates over ``signal_window_s``."""
 
 SMOOTHED = {
     "num_waiting",
@@ -406,9 +434,18 @@ SMOOTHED = {
 
 
 def signals_from_report(report: Mapping[str, float], age_s: float = 0.0) -> ReplicaSignals:
-    """A replica's ``record_autoscaling_stats`` dict as the policy's signals."""
+    """A replica's ``record_autoscaling_stats`` dict (plus the adapter's counter rates) as the
+    policy's signals."""
     values = {f: float(report.get(key, 0.0)) for f, key in SIGNAL_KEYS.items()}
-    return ReplicaSignals(**values, healthy=bool(report.get("healthy", 1.0)), age_s=max(age_s, 0.0))
+    rate = values["prefill_tokens_per_s"]
+    computed = float(report.get("prefill_tokens_computed_per_s", 0.0))
+    return ReplicaSignals(
+        **values,
+        prefill_busy=min(computed / rate, 1.0) if rate > 0 else 0.0,
+        preemptions_per_s=float(report.get("preemptions_per_s", 0.0)),
+        healthy=bool(report.get("healthy", 1.0)),
+        age_s=max(age_s, 0.0),
+    )
 
 
 class ServeAutoscalingPolicy:
@@ -457,6 +494,13 @@ class ServeAutoscalingPolicy:
                 rid = getattr(replica_id, "unique_id", str(replica_id))
                 last = max(p.timestamp for p in series)
                 stamp[rid] = max(stamp.get(rid, 0.0), last)
+                if metric in COUNTERS:  # a rate over every sample Serve keeps
+                    first = min(series, key=lambda p: p.timestamp)
+                    latest = max(series, key=lambda p: p.timestamp)
+                    dt = latest.timestamp - first.timestamp
+                    rate = max(latest.value - first.value, 0.0) / dt if dt > 0 else 0.0
+                    values.setdefault(rid, {})[COUNTERS[metric]] = rate
+                    continue
                 if metric in SMOOTHED:
                     recent = [p.value for p in series if p.timestamp >= last - window]
                     if metric == "prefill_tokens_per_s":  # 0 = not measured yet, not slow

@@ -100,6 +100,7 @@ class AsyncLLM:
         # Prompt tokens the engine computes per second (EWMA over steps with real prefill
         # work): turns queued prefill tokens into an expected wait for admission control.
         self._prefill_rate: float | None = None
+        self._prefill_tokens_total = 0
         # Seconds per step that decodes, and how many sequences it decoded (EWMAs): every
         # running request's inter-token latency, and the batch that latency was measured at.
         self._decode_step_s: float | None = None
@@ -216,6 +217,12 @@ class AsyncLLM:
     def prefill_tokens_per_s(self) -> float:
         """The measured prefill rate (a moving average over recent steps); 0 until measured."""
         return self._prefill_rate or 0.0
+
+    @property
+    def prefill_tokens_total(self) -> int:
+        """Prompt tokens computed since the engine started (a counter: its rate over the
+        prefill rate is how busy prefill keeps the replica)."""
+        return self._prefill_tokens_total
 
     @property
     def decode_step_s(self) -> float:
@@ -381,6 +388,7 @@ class AsyncLLM:
             self._decode_step_s = _ewma(self._decode_step_s, seconds)
             self._decode_batch = _ewma(self._decode_batch, self.engine.last_step_decodes)
         tokens = self.engine.last_step_prefill_tokens
+        self._prefill_tokens_total += tokens
         if tokens >= MIN_RATE_SAMPLE_TOKENS and seconds > 0:
             self._prefill_rate = _ewma(self._prefill_rate, tokens / seconds)
 

@@ -297,6 +297,7 @@ class LLMServer:
             "pending_prefill_tokens": float(s.get("pending_prefill_tokens", 0)),
             "prefill_tokens_per_s": float(self.engine.prefill_tokens_per_s),
             "decode_step_s": float(self.engine.decode_step_s),
+            "prefill_tokens_total": float(self.engine.prefill_tokens_total),
             "ttft_p90_s": self._recent_ttft.p90(),
             "num_preemptions": float(s.get("num_preemptions", 0)),
             "max_num_seqs": float(self.engine.engine.args.max_num_seqs),

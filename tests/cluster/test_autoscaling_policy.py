@@ -90,16 +90,19 @@ def test_latency_is_a_signal_only_with_a_target(signals, knob, signal):
     u, dominant = policy(**knob).utilization(signals)
     assert u == pytest.approx(2.5) and dominant == signal
     d = policy(up_window_s=0.0, **knob).decide(fleet(0.0, signals), PolicyState())
-    assert d.reason == f"up_{signal}" and d.target == 3
+    assert d.reason == f"up_{signal}" and d.target == 2  # over target: one more replica
+    # ... and then waits for it: no second one while the first is starting.
+    d = policy(up_window_s=0.0, **knob).decide(fleet(0.0, signals, target=2), PolicyState())
+    assert (d.target, d.reason) == (2, Reason.HOLD_STARTING)
 
 
-def test_preemption_rate_comes_from_the_counter_moving():
+def test_preemptions_and_prefill_busy_saturate_too():
     a = policy(up_window_s=0.0)
-    state = PolicyState()
-    first = a.decide(fleet(0.0, load(preemptions_total=100)), state)
-    assert first.reason == Reason.HOLD  # a counter alone is history, not a rate
-    hot = a.decide(fleet(1.0, load(preemptions_total=105)), state)  # 5/s
-    assert hot.reason == Reason.UP_PREEMPTION and hot.target == 3  # u = 5: +2, the step cap
+    d = a.decide(fleet(0.0, load(preemptions_per_s=5.0)), PolicyState())
+    assert d.reason == Reason.UP_PREEMPTION and d.target == 3  # u = 5: +2, the step cap
+    # 90 % of the prefill capacity in use: nothing queues yet, but the next burst will.
+    d = a.decide(fleet(0.0, load(prefill_busy=0.9), load(prefill_busy=0.9)), PolicyState())
+    assert d.reason == Reason.UP_BUSY and d.target == 4 and d.queue_s == 0.0
 
 
 def test_scale_up_is_proportional_and_bounded_per_step():
@@ -237,10 +240,19 @@ def test_bad_knobs_are_refused_by_name(knobs, words):
         AutoscalerConfig(**knobs)
 
 
+def test_latency_triggers_scale_up_but_never_holds_replicas_the_load_does_not_need():
+    """TTFT includes each request's own prefill however many replicas run: as a load signal
+    it would pin the fleet at its maximum (the simulation showed 15 of 24 h at max)."""
+    a = policy(down_window_s=0.0, ttft_target_s=2.0)
+    slow_but_idle = load(ttft_p90_s=1.8, queue_s=0.1)  # 0.9 of the TTFT target, no load
+    d = a.decide(fleet(0.0, slow_but_idle, slow_but_idle, slow_but_idle), PolicyState())
+    assert (d.target, d.reason) == (2, Reason.DOWN_LOW_LOAD)
+
+
 def test_policy_state_round_trips_through_a_plain_dict():
     a = policy()
     state = PolicyState()
-    a.decide(fleet(0.0, load(queue_s=4.0, preemptions_total=3)), state)
+    a.decide(fleet(0.0, load(queue_s=4.0)), state)
     again = PolicyState.from_dict(state.as_dict())
     assert again == state and again.up_since == 0.0
 
@@ -268,21 +280,26 @@ def _ctx(now: float, reports: dict[str, dict[str, list[tuple[float, float]]]], *
     return SimpleNamespace(**{**defaults, **kw})
 
 
-def test_serve_adapter_averages_gauges_over_the_window_and_keeps_state():
+def test_serve_adapter_averages_gauges_and_turns_counters_into_rates():
     p = ServeAutoscalingPolicy(model="m", **{**CONFIG, "up_window_s": 0.0})
     busy = {
         "num_waiting": [(9.0, 0.0), (10.0, 3.0)],
-        # The sample at t=2 is older than the 5 s window: not averaged in.
+        # The sample at t=2 is older than the 2 s window: not averaged in.
         "pending_prefill_tokens": [(2.0, 90_000.0), (9.0, 0.0), (10.0, 6000.0)],
         "prefill_tokens_per_s": [(9.0, 0.0), (10.0, RATE)],  # 0 = not measured yet
-        "num_preemptions": [(9.0, 1.0), (10.0, 2.0)],  # a counter: the latest
+        # Counters: rates over every sample Serve keeps.
+        "num_preemptions": [(6.0, 1.0), (10.0, 3.0)],  # 0.5/s
+        "prefill_tokens_total": [(6.0, 0.0), (8.0, 1000.0), (10.0, 2400.0)],  # 600/s of 1000
         "healthy": [(10.0, 1.0)],
     }
     target, state = p(_ctx(10.5, {"a": busy}))
-    assert p._last.queue_s == pytest.approx(3.0) and p._last.waiting == pytest.approx(1.5)
-    assert p._last.reason == Reason.UP_QUEUE
-    assert target == 3  # u = 1.5 needs ceil(1.5 / 0.7) = 3
-    assert isinstance(state, dict) and state["preemptions"]["a"][0] == 2.0
+    d = p._last
+    assert d.queue_s == pytest.approx(3.0) and d.waiting == pytest.approx(1.5)
+    assert d.reason == Reason.UP_QUEUE and target == 3  # u = 1.5 needs ceil(1.5 / 0.7) = 3
+    signals = p._signals(_ctx(10.5, {"a": busy}), 10.5)["a"]
+    assert signals.preemptions_per_s == pytest.approx(0.5)
+    assert signals.prefill_busy == pytest.approx(0.6)
+    assert isinstance(state, dict) and state["last_scale_up"] == 10.5
     # A replica Serve no longer runs (being stopped) is not read.
     p(_ctx(11.0, {"a": busy}, running_replicas=[], policy_state=state))
     assert p._last.reporting == 0
