@@ -72,11 +72,12 @@ from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).parent))
-from router_sim import CostModel, SimReplica, SimRequest, _pct
+from router_sim import CostModel, SimReplica, SimRequest, _finite, _pct
 
 from kvmesh.cluster import autoscaling
 from kvmesh.cluster.autoscaling import FleetView, PolicyState, ServeAutoscalingPolicy
 from kvmesh.cluster.config import KVMESH_POLICY_SERVE_DEFAULTS
+from kvmesh.replicas.deployment import RecentWindow
 
 OUT = Path(__file__).parent / "out"
 PLOTS = Path(__file__).parent / "plots"
@@ -210,7 +211,8 @@ class Replica:
         self.decode_step_s: float | None = None
         self.prefill_tokens_total = 0.0
         """Prompt tokens computed so far (the engine's counter)."""
-        self.ttfts: deque[tuple[float, float]] = deque()
+        self.ttfts = RecentWindow(TTFT_WINDOW_S, max_len=1 << 20)
+        """The real replica's recent-TTFT window, on simulated time."""
         self.report: dict[str, float] | None = None
         self.series: dict[str, deque[Point]] = {}
         """Each reported metric over the last ``LOOK_BACK_S``: Serve's ``raw_metrics``."""
@@ -229,13 +231,7 @@ class Replica:
             self.decode_step_s = _ewma_k(self.decode_step_s, step_s, k)
 
     def ttft_p90(self, now: float) -> float:
-        cutoff = now - TTFT_WINDOW_S
-        while self.ttfts and self.ttfts[0][0] < cutoff:
-            self.ttfts.popleft()
-        if not self.ttfts:
-            return 0.0
-        values = sorted(v for _, v in self.ttfts)
-        return values[min(len(values) - 1, int(0.9 * len(values)))]
+        return self.ttfts.p90(now)
 
     def make_report(self, now: float) -> None:
         """What ``record_autoscaling_stats`` returns now (the real replica's keys), appended
@@ -776,7 +772,7 @@ def simulate(
             r.observe_step()
             first, done, nxt = r.sim.step_end(now)
             for req in first:
-                r.ttfts.append((now, now - req.dispatched))
+                r.ttfts.add(now - req.dispatched, now=now)
             if done:
                 busy -= len(done)
                 fleet.finished(r, len(done), now)
@@ -1265,16 +1261,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.write_text(json.dumps(_finite(full_out)))
     print(json.dumps(out, indent=1))
     return out
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 if __name__ == "__main__":

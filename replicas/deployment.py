@@ -87,17 +87,18 @@ RECENT_TTFT_WINDOW_S = 30.0
 
 
 class RecentWindow:
-    """Values of the last ``window_s`` seconds (bounded), for a recent percentile."""
+    """Values of the last ``window_s`` seconds (bounded), for a recent percentile. ``now``
+    defaults to the monotonic clock (a simulation passes its own)."""
 
     def __init__(self, window_s: float, max_len: int = 4096) -> None:
         self.window_s = window_s
         self._points: collections.deque[tuple[float, float]] = collections.deque(maxlen=max_len)
 
-    def add(self, value: float) -> None:
-        self._points.append((time.monotonic(), value))
+    def add(self, value: float, now: float | None = None) -> None:
+        self._points.append((time.monotonic() if now is None else now, value))
 
-    def p90(self) -> float:
-        cutoff = time.monotonic() - self.window_s
+    def p90(self, now: float | None = None) -> float:
+        cutoff = (time.monotonic() if now is None else now) - self.window_s
         while self._points and self._points[0][0] < cutoff:
             self._points.popleft()
         if not self._points:

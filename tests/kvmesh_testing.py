@@ -75,3 +75,45 @@ def random_prompts(seed: int, lengths: list[int], vocab: int = 320) -> list[list
 
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ok(
+    url: str,
+    timeout_s: float,
+    *,
+    proc=None,
+    log: Path | None = None,
+    period_s: float = 0.5,
+) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` (the server) exits, with the
+    end of its ``log``."""
+    import time
+
+    import httpx
+
+    def tail() -> str:
+        return log.read_text()[-4000:] if log is not None and log.exists() else ""
+
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the server exited ({proc.returncode}) before {url}:\n{tail()}")
+        try:
+            r = httpx.get(url, timeout=5)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(period_s)
+    raise AssertionError(f"{url} not ready after {timeout_s}s: {last}\n{tail()}")

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from kvmesh_testing import free_port, wait_until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -48,14 +49,6 @@ def long_prompt(rng: random.Random) -> str:
     """~500 tokens no other request shares (a shared prompt would be a prefix-cache hit and
     cost no prefill)."""
     return " ".join(rng.choice(WORDS) for _ in range(500))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +82,7 @@ def app(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, path.with_suffix(".log").read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise AssertionError("app not ready: " + path.with_suffix(".log").read_text()[-4000:])
+        wait_until_ok(f"{url}/ready", timeout_s=240, proc=proc, log=path.with_suffix(".log"))
         yield url
     finally:
         proc.send_signal(signal.SIGINT)

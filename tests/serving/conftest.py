@@ -9,14 +9,13 @@ through the real engine, milliseconds per step.
 from __future__ import annotations
 
 import shutil
-import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+from kvmesh_testing import free_port, wait_until_ok
 
 API_KEY = "test-key-0123456789"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -47,12 +46,6 @@ def tiny_chat_models(make_tiny_model, smollm2_dir) -> tuple[Path, Path]:
     a = _with_tokenizer(make_tiny_model(seed=0, **TINY_CHAT), smollm2_dir)
     b = _with_tokenizer(make_tiny_model(seed=1, **TINY_CHAT), smollm2_dir)
     return a, b
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_config(model_a: Path, model_b: Path, port: int) -> dict:
@@ -113,21 +106,6 @@ class ServeApp:
             return [s for s in r.json() if s["model"] == model]
 
 
-def wait_ready(url: str, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(f"{url}/ready", timeout=5)
-            if r.status_code == 200:
-                return
-            last = r.text
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(0.5)
-    raise TimeoutError(f"app not ready after {timeout_s}s: {last}")
-
-
 @pytest.fixture(scope="session")
 def serve_app(tiny_chat_models) -> Iterator[ServeApp]:
     import ray
@@ -144,7 +122,7 @@ def serve_app(tiny_chat_models) -> Iterator[ServeApp]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(app_cfg), name=app_cfg.name, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url)
+        wait_until_ok(f"{url}/ready", timeout_s=180)
         yield ServeApp(url, config, tiny_chat_models)
     finally:
         serve.shutdown()

@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import yaml
+from kvmesh_testing import free_port, wait_until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +52,6 @@ GRAFANA_VARS = {
 }
 # A shared prompt prefix (several KV blocks) so prefix-cache hits happen, with varied tails.
 PREFIX = "You are a helpful assistant that answers in one short sentence. " * 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _binary(name: str) -> str:
@@ -149,20 +143,6 @@ class Prometheus:
         return [rule for g in r.json()["data"]["groups"] for rule in g["rules"]]
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"prometheus exited {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"prometheus not ready after {timeout_s}s:\n{log.read_text()}")
-
-
 def _send_traffic(serve_app, duration_s: float) -> int:
     """Completions and chats to ``tiny`` and ``tiny-b``, some streamed, for ``duration_s``.
     Sampled (temperature 1, no seed) so the response cache never answers in the engine's
@@ -222,7 +202,7 @@ def prometheus(serve_app, tmp_path_factory) -> Iterator[Prometheus]:
         ],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     log = tmp / "prometheus.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -237,7 +217,7 @@ def prometheus(serve_app, tmp_path_factory) -> Iterator[Prometheus]:
         )
     prom = Prometheus(url, log)
     try:
-        _wait_ready(proc, url, log)
+        wait_until_ok(f"{url}/-/ready", timeout_s=30, proc=proc, log=log, period_s=0.2)
         with serve_app.client() as c:
             # Error series, early so that their counters have points in every window.
             unknown = {"model": "no-such-model", "prompt": "hi"}
