@@ -115,6 +115,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from kvmesh.replicas import capacity
+
+    shape = capacity.shape_for(args.model, args.shape)
+    fraction = args.gpu_memory_utilization
+    overhead = args.runtime_overhead_gib
+    p = capacity.plan(
+        shape,
+        gpu_memory_bytes=int(args.gpu_memory_gib * capacity.GiB),
+        kv_fraction_of_free=capacity.KV_FREE_MEMORY_FRACTION if fraction is None else fraction,
+        tp=args.tensor_parallel_size,
+        dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
+        block_size=args.block_size,
+        request_len=args.request_len,
+        gpus_per_node=args.gpus_per_node,
+        runtime_overhead_bytes=capacity.DEFAULT_RUNTIME_OVERHEAD_BYTES
+        if overhead is None
+        else int(overhead * capacity.GiB),
+    )
+    print(json.dumps(p.as_json(), indent=2) if args.json else capacity.render(p))
+    return 0 if p.fits else 1
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     import json
 
@@ -192,6 +218,50 @@ def _add_bench_parser(sub) -> None:
     p.set_defaults(func=cmd_bench_serve)
 
 
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="weights and KV cache per GPU: tokens and requests that fit, replicas per node",
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--model", default=None, help="model directory, config.json or .gguf (default: SmolLM2)"
+    )
+    which.add_argument(
+        "--shape", default=None, help="a named shape: smollm2-135m, llama-3-8b, llama-3-70b"
+    )
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="share of the memory left after the weights that the KV cache takes, the rest "
+        "being the activation reserve (default: the engine's, 0.85)",
+    )
+    p.add_argument(
+        "--runtime-overhead-gib",
+        type=float,
+        default=None,
+        help="memory in use besides the weights when the engine measures: CUDA context, "
+        "RoPE table, workspaces (default 0.5)",
+    )
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "int8"], default="auto")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--request-len",
+        "--max-model-len",
+        dest="request_len",
+        type=int,
+        default=None,
+        help="tokens per request for the concurrency estimate (default: the model's context)",
+    )
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmesh",
@@ -230,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", default="kvmesh", help="Serve application name")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
+    _add_plan_parser(sub)
     _add_bench_parser(sub)
     return parser
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from kvmesh.replicas import capacity
 from kvmesh.replicas.chat import encode_chat
 from kvmesh.replicas.config import EngineArgs, ModelArchConfig
 from kvmesh.replicas.detokenizer import Detokenizer
@@ -33,7 +34,7 @@ from kvmesh.replicas.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CPU_KV_BYTES = 2 << 30
+DEFAULT_CPU_KV_BYTES = capacity.DEFAULT_CPU_KV_BYTES
 Prompt = str | list[int] | dict[str, Any]
 
 
@@ -145,12 +146,13 @@ class LLMEngine:
         if budget is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info()
-                budget = int(free * 0.85)
+                budget = capacity.kv_budget_from_free(free)  # the rest: activations
             else:
                 # No more than every sequence at full length could use.
-                cap = args.max_num_seqs * self.max_model_len // args.block_size + 1
-                budget = min(DEFAULT_CPU_KV_BYTES, cap * per_block)
-        num = budget // per_block
+                budget = capacity.default_cpu_kv_budget(
+                    per_block, args.max_num_seqs, self.max_model_len, args.block_size
+                )
+        num = capacity.kv_blocks_that_fit(budget, per_block)
         if num < 2:
             raise ValueError(
                 f"kv_cache_memory_bytes={budget} holds fewer than 2 blocks of {per_block} bytes"

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from kvmesh.kernels import AttentionMetadata, KVCacheLayer
+from kvmesh.replicas import capacity
 from kvmesh.replicas.config import ModelArchConfig
 from kvmesh.replicas.request import Request
 
@@ -21,16 +22,17 @@ def kv_bytes_per_block(
     kv_cache_dtype: str,
     num_kv_heads: int | None = None,
 ) -> int:
-    """Bytes one block takes across all layers (K and V, plus scales when quantised).
+    """Bytes one block takes across all layers (K and V, plus scales when quantised): the
+    formula of ``capacity.kv_bytes_per_block``, which ``kvmesh plan`` uses too.
 
     ``num_kv_heads``: the heads this process holds (a tensor-parallel rank's share)."""
-    per_token_head = cfg.head_dim
-    if kv_cache_dtype == "auto":
-        elem = torch.empty(0, dtype=dtype).element_size() * per_token_head
-    else:
-        elem = 1 * per_token_head + 4  # one byte per value + a float32 scale per head
-    heads = num_kv_heads or cfg.num_key_value_heads
-    return cfg.num_hidden_layers * 2 * block_size * heads * elem
+    return capacity.kv_bytes_per_block(
+        capacity.ModelShape.from_arch(cfg),
+        block_size,
+        dtype.itemsize,
+        kv_cache_dtype=kv_cache_dtype,
+        num_kv_heads=num_kv_heads,
+    )
 
 
 def allocate_kv_cache(
