@@ -46,6 +46,7 @@ def model_deployment_options(m: ModelConfig, app_name: str) -> dict[str, Any]:
             request_routing_stats_timeout_s=max(5.0, 5 * m.routing_stats_period_s),
         ),
     }
+    options.update(tensor_parallel_placement(m))
     if m.autoscaling is not None:
         options["autoscaling_config"] = serve_autoscaling_config(
             m.autoscaling, model=m.name, app=app_name
@@ -53,6 +54,24 @@ def model_deployment_options(m: ModelConfig, app_name: str) -> dict[str, Any]:
     else:
         options["num_replicas"] = m.replicas
     return options
+
+
+def tensor_parallel_placement(m: ModelConfig) -> dict[str, Any]:
+    """A tensor-parallel replica's own placement group: one bundle per rank, all on one node
+    (``STRICT_PACK``). The replica actor sits in bundle 0 and creates its rank workers in the
+    others (``replicas/tp/cluster.py``), so they live and die with it and autoscaling adds or
+    removes whole groups. One GPU per rank on GPU nodes, one CPU per rank otherwise."""
+    from kvmesh.replicas.tp.cluster import tp_bundles
+
+    tp = m.engine.tensor_parallel_size
+    if tp == 1:
+        return {}
+    bundles = tp_bundles(tp, use_gpu=m.num_gpus > 0)
+    # Bundle 0 holds the replica actor: at least what it asks for.
+    bundles[0] = {
+        k: max(v, {"CPU": m.num_cpus, "GPU": m.num_gpus}[k]) for k, v in bundles[0].items()
+    }
+    return {"placement_group_bundles": bundles, "placement_group_strategy": "STRICT_PACK"}
 
 
 def build_app(config: AppConfig) -> Application:

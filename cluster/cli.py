@@ -64,12 +64,25 @@ def _add_app_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=None, help="replicas per model")
     p.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=None,
+        help="ranks per replica, each in the replica's own placement group (one CPU or GPU each)",
+    )
 
 
 def _app_config(args: argparse.Namespace):
     from kvmesh.cluster.serve_cmd import config_from_args
 
-    return config_from_args(args.config, args.model, args.replicas, args.host, args.port)
+    return config_from_args(
+        args.config,
+        args.model,
+        args.replicas,
+        args.host,
+        args.port,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

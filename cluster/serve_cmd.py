@@ -46,6 +46,7 @@ def config_from_args(
     replicas: int | None = None,
     host: str | None = None,
     port: int | None = None,
+    tensor_parallel_size: int | None = None,
 ) -> AppConfig:
     """The app config from a file and/or command-line flags (flags win)."""
     config = load_config(config_path) if config_path else AppConfig()
@@ -75,6 +76,9 @@ def config_from_args(
     elif replicas is not None:
         for m in data["models"]:
             m["replicas"] = replicas
+    if tensor_parallel_size is not None:
+        for m in data["models"]:
+            m["engine"]["tensor_parallel_size"] = tensor_parallel_size
     if host is not None:
         data["host"] = host
     if port is not None:

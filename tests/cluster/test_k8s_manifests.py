@@ -505,12 +505,6 @@ def test_tp4_workers_hold_one_tensor_parallel_replica():
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"  # NCCL's shared memory
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tensor-parallel replicas on Serve are not implemented yet: "
-    "cluster.app.model_deployment_options does not reserve the ranks' GPUs "
-    "(placement_group_bundles, STRICT_PACK), so the tp4 example cannot place its ranks",
-)
 def test_tp4_replica_reserves_its_ranks():
     from kvmesh.cluster.app import model_deployment_options
 
