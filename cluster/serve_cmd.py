@@ -221,7 +221,9 @@ def run_serve(config: AppConfig, ready_timeout_s: float | None = None) -> int:
     if joined:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # "local": a new cluster, never one a `ray start` left running on this machine (its
+        # Serve would be shut down with ours).
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     stop = False
 
     def on_signal(signum, frame):

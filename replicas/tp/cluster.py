@@ -45,6 +45,7 @@ def ensure_ray(num_cpus: int) -> None:
         ray.init(log_to_driver=True)
     else:
         ray.init(
+            address="local",  # a new cluster, not one a `ray start` left on this machine
             num_cpus=max(os.cpu_count() or 1, num_cpus),
             include_dashboard=False,
             log_to_driver=True,

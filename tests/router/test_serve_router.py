@@ -73,7 +73,7 @@ def _hint(tenant: int, n: int, turn: int = 0) -> RoutingHint:
 def app():
     started = not ray.is_initialized()  # reuse a Ray another module left running
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         front = serve.run(Front.bind(Stub.bind()), name=APP, route_prefix=None)
         stub = serve.get_deployment_handle("Stub", app_name=APP)

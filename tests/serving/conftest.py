@@ -117,7 +117,7 @@ def serve_app(tiny_chat_models) -> Iterator[ServeApp]:
     port = free_port()
     config = app_config(*tiny_chat_models, port)
     app_cfg = AppConfig.model_validate(config)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(app_cfg), name=app_cfg.name, route_prefix="/", blocking=False)

@@ -32,7 +32,7 @@ def ray_local() -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
