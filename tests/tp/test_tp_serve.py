@@ -48,14 +48,19 @@ def tp_app(ray_local, make_tiny_model):
     config = AppConfig.model_validate(
         {"name": "kvmesh-tp", "port": port, "models": [entry("tp1", 1), entry("tp2", 2)]}
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name=config.name, route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
+    # The suite's serving tests may already run Serve (their session app holds "/"): then
+    # this app joins it under its own prefix, on that Serve's port.
+    from ray.serve.context import _get_global_client
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})  # no-op if running
+    port = _get_global_client().http_config.port
+    serve.run(build_app(config), name=config.name, route_prefix="/kvmesh-tp", blocking=False)
+    url = f"http://127.0.0.1:{port}/kvmesh-tp"
     try:
         wait_until_ok(f"{url}/ready", timeout_s=180)
         yield url
     finally:
-        serve.shutdown()
+        serve.delete(config.name)
 
 
 def _greedy(url: str, model: str) -> tuple[list[str], str]:
