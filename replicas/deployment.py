@@ -290,11 +290,12 @@ class LLMServer:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What kvmesh's autoscaling policy reads (``cluster/autoscaling.py``): the load
-        figures, the queued prefill work and the rate it drains at, recent TTFT p90 and the
-        preemption counter."""
+        figures, the queued prefill work, the prefill rate and counter, the decode step time,
+        recent TTFT p90, the preemption counter and the batch slots (from one stats
+        snapshot)."""
         s = self.engine.stats()
         return {
-            **{k: float(v) for k, v in self.load().items()},
+            **{k: float(v) for k, v in self.load(s).items()},
             "pending_prefill_tokens": float(s.get("pending_prefill_tokens", 0)),
             "prefill_tokens_per_s": float(self.engine.prefill_tokens_per_s),
             "decode_step_s": float(self.engine.decode_step_s),
@@ -304,10 +305,11 @@ class LLMServer:
             "max_num_seqs": float(self.engine.engine.args.max_num_seqs),
         }
 
-    def load(self) -> dict[str, Any]:
-        """Load figures; a replica whose engine cannot serve says so (``healthy`` 0) rather
-        than reporting its last, idle-looking numbers."""
-        s = self.engine.stats()
+    def load(self, s: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Load figures (from the engine stats ``s``, or a fresh snapshot); a replica whose
+        engine cannot serve says so (``healthy`` 0) rather than reporting its last,
+        idle-looking numbers."""
+        s = self.engine.stats() if s is None else s
         return {
             "healthy": int(self.healthy()),
             "num_waiting": s["num_requests_waiting"],
