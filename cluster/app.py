@@ -27,6 +27,7 @@ from kvmesh.router.stats_hub import StatsHub
 INGRESS_NAME = "kvmesh-ingress"
 STATS_HUB_NAME = "kvmesh-stats"
 IMPORT_PATH = "kvmesh.cluster.app:app_builder"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # every Ray head node has 1 of it
 
 
 def model_deployment_options(m: ModelConfig, app_name: str) -> dict[str, Any]:
@@ -46,6 +47,8 @@ def model_deployment_options(m: ModelConfig, app_name: str) -> dict[str, Any]:
             request_routing_stats_timeout_s=max(5.0, 5 * m.routing_stats_period_s),
         ),
     }
+    if m.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = m.max_replicas_per_node
     options.update(tensor_parallel_placement(m))
     if m.autoscaling is not None:
         options["autoscaling_config"] = serve_autoscaling_config(
@@ -74,10 +77,21 @@ def tensor_parallel_placement(m: ModelConfig) -> dict[str, Any]:
     return {"placement_group_bundles": bundles, "placement_group_strategy": "STRICT_PACK"}
 
 
+def control_actor_options(config: AppConfig) -> dict[str, Any]:
+    """Ray options of the app's own pieces (ingress, stats hub): no CPU of their own (they
+    only wait on replicas), and on the head node when asked (Ray's built-in head resource)."""
+    options: dict[str, Any] = {"num_cpus": 0}
+    if config.ingress_on_head:
+        options["resources"] = {HEAD_NODE_RESOURCE: 0.001}
+    return options
+
+
 def build_app(config: AppConfig) -> Application:
     hub = (
         serve.deployment(StatsHub)
-        .options(name=STATS_HUB_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0})
+        .options(
+            name=STATS_HUB_NAME, num_replicas=1, ray_actor_options=control_actor_options(config)
+        )
         .bind(expiry_s=max(5.0, 10 * config.stats_push_period_s))
     )
     model_apps = {}
@@ -94,7 +108,7 @@ def build_app(config: AppConfig) -> Application:
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name=INGRESS_NAME,
         num_replicas=config.ingress_replicas,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=control_actor_options(config),
         max_ongoing_requests=10_000,  # the ingress only waits on replicas; limits live there
     )
     return ingress.bind(ingress_config, model_apps, hub)

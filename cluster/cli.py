@@ -72,7 +72,7 @@ def _add_app_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _app_config(args: argparse.Namespace):
+def _app_config(args: argparse.Namespace, split_local_cores: bool = True):
     from kvmesh.cluster.serve_cmd import config_from_args
 
     return config_from_args(
@@ -82,6 +82,7 @@ def _app_config(args: argparse.Namespace):
         args.host,
         args.port,
         tensor_parallel_size=args.tensor_parallel_size,
+        split_local_cores=split_local_cores,
     )
 
 
@@ -110,6 +111,57 @@ def cmd_build_config(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {args.output}; deploy with: serve deploy {args.output}")
     return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kvmesh.cluster import deploy
+    from kvmesh.cluster.serve_cmd import serve_config
+
+    if args.serve_config is not None:
+        with open(args.serve_config) as f:
+            data = yaml.safe_load(f) or {}
+    else:
+        if args.host is None:
+            args.host = "0.0.0.0"  # a cluster serves its network, not only its head's loopback
+        data = serve_config(_app_config(args, split_local_cores=False))
+    url = deploy.deploy(data, args.address, url=args.url, timeout_s=args.timeout)
+    print(f"kvmesh is serving at {url}  (OpenAI API under {url}/v1); remove with: kvmesh down")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from kvmesh.cluster import deploy
+
+    deploy.down(set(args.app or ["kvmesh"]), args.address, timeout_s=args.timeout)
+    return 0
+
+
+def _add_deploy_parsers(sub) -> None:
+    address_help = (
+        "the Ray dashboard's HTTP address (default: $RAY_ADDRESS, $RAY_DASHBOARD_ADDRESS, "
+        "http://127.0.0.1:8265)"
+    )
+    p = sub.add_parser(
+        "deploy", help="deploy the app on a running Ray cluster and wait until it answers"
+    )
+    _add_app_options(p)
+    p.add_argument(
+        "--serve-config",
+        default=None,
+        metavar="FILE",
+        help="deploy this Serve config file as is (e.g. from build-config or a RayService)",
+    )
+    p.add_argument("--address", default=None, help=address_help)
+    p.add_argument("--url", default=None, help="where to check /ready (default: head, port)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for ready")
+    p.set_defaults(func=cmd_deploy)
+    p = sub.add_parser("down", help="remove the app from the Ray cluster (others stay)")
+    p.add_argument("--app", action="append", default=None, help="application (default kvmesh)")
+    p.add_argument("--address", default=None, help=address_help)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    p.set_defaults(func=cmd_down)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -313,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", default="kvmesh", help="Serve application name")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
+    _add_deploy_parsers(sub)
     _add_plan_parser(sub)
     _add_bench_parser(sub)
     return parser
@@ -326,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"kvmesh: error: {exc}", file=sys.stderr)
         return 2
+    except (RuntimeError, TimeoutError) as exc:  # a deploy that failed or never got ready
+        print(f"kvmesh: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -123,6 +123,13 @@ class ModelConfig(_Strict):
     )
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    max_replicas_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        description="At most this many of this model's replicas on one Ray node (Serve's "
+        "option): spreads replicas over nodes, so losing a node loses only its share; null: "
+        "no limit. Not with tensor_parallel_size > 1 (its placement group already decides).",
+    )
     torch_threads: int | None = Field(default=None, ge=1)
     max_pending_requests: int | None = Field(
         default=256, ge=1, description="Requests one replica's engine holds; more get 429."
@@ -183,6 +190,17 @@ class ModelConfig(_Strict):
             self.model_fields_set
         ):
             self.graceful_shutdown_timeout_s = AUTOSCALED_DRAIN_S
+        return self
+
+    @model_validator(mode="after")
+    def _spread(self) -> ModelConfig:
+        # Serve refuses the pair (a placement group already fixes where a replica goes); say
+        # so here, in kvmesh's terms, instead of as a failed deployment.
+        if self.max_replicas_per_node is not None and self.engine.tensor_parallel_size > 1:
+            raise ValueError(
+                "max_replicas_per_node does not combine with tensor_parallel_size > 1: each "
+                "tensor-parallel replica has its own STRICT_PACK placement group; drop one"
+            )
         return self
 
     @model_validator(mode="after")
@@ -270,6 +288,18 @@ class AppConfig(_Strict):
     response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
     limits: RequestLimits = Field(default_factory=RequestLimits)
     ingress_replicas: int = Field(default=1, ge=1)
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        default="EveryNode",
+        description="Where Serve runs HTTP proxies: on every node (a load balancer in front "
+        "spreads clients over them; KubeRay's serve Service does) or only on the head (one "
+        "address to call; what several Ray nodes sharing one machine's ports need).",
+    )
+    ingress_on_head: bool = Field(
+        default=False,
+        description="Run the ingress and the stats hub on the Ray head node: on a cluster "
+        "whose workers come and go (autoscaled or preemptible GPU nodes), losing a worker "
+        "then loses only its model replicas, never the streams of the whole app.",
+    )
     stats_push_period_s: float = Field(default=0.5, gt=0)
     debug_hooks: bool = Field(
         default=False,

@@ -47,15 +47,19 @@ def config_from_args(
     host: str | None = None,
     port: int | None = None,
     tensor_parallel_size: int | None = None,
+    *,
+    split_local_cores: bool = True,
 ) -> AppConfig:
-    """The app config from a file and/or command-line flags (flags win)."""
+    """The app config from a file and/or command-line flags (flags win). Without a file and
+    with ``split_local_cores``, replicas share this machine's cores (``kvmesh serve``); a
+    deploy to another cluster keeps the config's defaults instead."""
     config = load_config(config_path) if config_path else AppConfig()
     data = config.model_dump()
     if model is not None or not config_path:
         if config_path and len(config.models) != 1:
             raise ValueError("--model needs a config with exactly one model (or no --config)")
         n = replicas or config.models[0].replicas
-        share = threads_per_replica(os.cpu_count() or 1, n)
+        share = threads_per_replica(os.cpu_count() or 1, n) if split_local_cores else None
         base = config.models[0]
         engine = base.engine.model_dump()
         name = base.name
@@ -69,8 +73,8 @@ def config_from_args(
                 "engine": engine,
                 "replicas": n,
                 # Without a config file, split this machine's cores between the replicas.
-                "num_cpus": float(share) if not config_path else base.num_cpus,
-                "torch_threads": share if not config_path else base.torch_threads,
+                "num_cpus": float(share) if share and not config_path else base.num_cpus,
+                "torch_threads": share if share and not config_path else base.torch_threads,
             }
         ]
     elif replicas is not None:
@@ -103,7 +107,7 @@ def serve_config(config: AppConfig) -> dict[str, Any]:
         )
 
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": config.proxy_location,
         "http_options": {"host": config.host, "port": config.port},
         "applications": [
             {
@@ -231,7 +235,10 @@ def run_serve(config: AppConfig, ready_timeout_s: float | None = None) -> int:
         stop = True
 
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.start(
+            proxy_location=config.proxy_location,
+            http_options={"host": config.host, "port": config.port},
+        )
         serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix)
         wait_until_ready(config.url, ready_timeout_s)
         models = ", ".join(m.name for m in config.models)
