@@ -26,6 +26,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -646,3 +647,61 @@ def test_drain_script_parses_and_waits_at_most_its_deadline():
     env = {"PATH": "/usr/bin:/bin", "KVMESH_RAY_NODE": "head", "KVMESH_DRAIN_S": "0"}
     done = subprocess.run(["bash", str(script)], env=env, timeout=30)
     assert done.returncode == 0
+
+
+# ---- the manifest's app, deployed as is -----------------------------------------------------
+DEPLOYABLE_HERE = ("small-model", "base")  # tp4 names a 32B checkpoint this machine lacks
+
+
+@pytest.mark.slow
+def test_serve_config_deploys_as_is_on_a_local_ray_cluster(tmp_path):
+    """Each example's ``serveConfigV2`` string, byte for byte, goes to a real Ray head node
+    through Ray's own ``serve deploy`` (the dashboard API KubeRay uses) and serves a request.
+
+    The head declares the one GPU a worker pod would have (``--num-gpus 1``): Ray schedules
+    the GPU replica on it; without CUDA here, the engine's ``device: auto`` runs it on the CPU.
+    """
+    import socket
+
+    import httpx
+    from ray_nodes import BIN, RayNodes
+
+    with socket.socket() as s:  # the manifest fixes Serve's port: 8000 must be free
+        try:
+            s.bind(("0.0.0.0", 8000))
+        except OSError:
+            pytest.fail("port 8000 is in use; this test deploys the manifest's port as is")
+    nodes = RayNodes()
+    try:
+        nodes.start_head(num_cpus=3, num_gpus=1)
+        for example in DEPLOYABLE_HERE:
+            path = tmp_path / f"{example}.yaml"
+            path.write_text(only(rendered(example), "RayService")["spec"]["serveConfigV2"])
+            deployed = subprocess.run(
+                [str(BIN / "serve"), "deploy", str(path), "--address", nodes.dashboard],
+                env=nodes.env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+            model = app_config_of(example).models[0].name
+            deadline = time.monotonic() + 600
+            while True:
+                app = nodes.serve_details()["applications"].get("kvmesh") or {}
+                assert app.get("status") != "DEPLOY_FAILED", app.get("message")
+                try:
+                    ready = httpx.get("http://127.0.0.1:8000/ready", timeout=5)
+                    if ready.status_code == 200 and app.get("status") == "RUNNING":
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, f"{example}: {app.get('status')}"
+                time.sleep(1)
+            body = {"model": model, "prompt": "The capital of France is", "max_tokens": 8}
+            r = httpx.post("http://127.0.0.1:8000/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 8
+            assert r.headers["x-kvmesh-replica"].startswith(f"{model}#")
+    finally:
+        nodes.shutdown()
