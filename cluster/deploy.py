@@ -43,10 +43,44 @@ def dashboard_address(address: str | None = None) -> str:
     return found.rstrip("/")
 
 
-def _client(address: str):
-    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+class _Client:
+    """Ray's Serve REST client, with its failures told in kvmesh's terms."""
 
-    return ServeSubmissionClient(address)
+    def __init__(self, address: str) -> None:
+        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+        self.address = address
+        self._client = self._call(ServeSubmissionClient, address)
+
+    def _call(self, fn, *args):
+        from ray.exceptions import AuthenticationError
+
+        try:
+            return fn(*args)
+        except AuthenticationError as exc:
+            raise RuntimeError(
+                f"the Ray cluster at {self.address} wants its token: set RAY_AUTH_MODE=token "
+                "and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the token the head uses "
+                f"(`ray get-auth-token` on the head). Ray said: {exc}"
+            ) from None
+        except ConnectionError as exc:
+            raise RuntimeError(
+                f"no Ray dashboard answers at {self.address} (is the cluster up? for a remote "
+                f"cluster, `ray dashboard <cluster.yaml>` forwards it): {exc}"
+            ) from None
+
+    def get_serve_details(self) -> dict[str, Any]:
+        return self._call(self._client.get_serve_details)
+
+    def deploy_applications(self, config: dict[str, Any]) -> None:
+        self._call(self._client.deploy_applications, config)
+
+    def delete_applications(self) -> None:
+        self._call(self._client.delete_applications)
+
+
+def _client(address: str) -> _Client:
+    return _Client(address)
 
 
 def merged_config(details: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
