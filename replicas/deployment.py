@@ -216,12 +216,12 @@ class LLMServer:
         return ReplicaChunk(
             replica=self.replica,
             delta_text=out.delta_text,
-            delta_token_ids=list(out.delta_token_ids),
+            delta_token_ids=out.delta_token_ids,  # the step's own list: no copy
             delta_logprobs=out.delta_logprobs,
             finish_reason=completion.finish_reason,
             num_prompt_tokens=len(out.prompt_token_ids),
             num_cached_tokens=out.num_cached_tokens,
-            num_output_tokens=len(completion.token_ids),
+            num_output_tokens=out.num_output_tokens,
             t_emit=time.time(),
         )
 

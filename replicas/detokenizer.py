@@ -30,29 +30,55 @@ class Detokenizer:
         self._include_stop = include_stop_str_in_output
         # Streaming holds back the text that could still be the start of a stop string.
         self._holdback = max((len(s) for s in stop), default=1) - 1
-        self.text = ""
+        # The text so far is "".join(self._pieces) + self._tail: pieces only ever get appended
+        # (amortised O(1) per token, never a copy of the text so far); the tail is the last
+        # ``holdback`` characters, where a stop string may still begin. ``_emitted`` pieces
+        # have gone out as deltas.
+        self._pieces: list[str] = []
+        self._tail = ""
         self._emitted = 0
+        self._length = 0
+
+    @property
+    def text(self) -> str:
+        """The whole text so far (joined on demand: O(length), so read it once, at the end)."""
+        return "".join(self._pieces) + self._tail
+
+    @property
+    def length(self) -> int:
+        """Characters of text so far."""
+        return self._length
 
     def add_token(self, token_id: int) -> str | None:
         """Append one token's text; return the stop string it completed, if any."""
         piece = self._stream.step(self._tokenizer, token_id) or ""
-        if not piece or not self._stop:
-            self.text += piece
+        if not piece:
             return None
-        search_from = max(0, len(self.text) - self._holdback)
-        self.text += piece
-        hit, where = None, len(self.text)
-        for s in self._stop:
-            i = self.text.find(s, search_from)
-            if i != -1 and i < where:
-                hit, where = s, i
-        if hit is not None:
-            self.text = self.text[: where + (len(hit) if self._include_stop else 0)]
+        # Only the tail and the new piece can hold a stop string that ends in this piece.
+        window = self._tail + piece
+        hit = None
+        if self._stop:
+            where = len(window)
+            for s in self._stop:
+                i = window.find(s)
+                if i != -1 and i < where:
+                    hit, where = s, i
+            if hit is not None:
+                window = window[: where + (len(hit) if self._include_stop else 0)]
+        self._length += len(window) - len(self._tail)
+        keep = min(self._holdback, len(window)) if hit is None else 0
+        if len(window) > keep:
+            self._pieces.append(window[: len(window) - keep])
+        self._tail = window[len(window) - keep :]
         return hit
 
     def delta(self, finished: bool) -> str:
         """New text since the last call (all of it once the request finished)."""
-        upto = len(self.text) if finished else max(self._emitted, len(self.text) - self._holdback)
-        out = self.text[self._emitted : upto]
-        self._emitted = upto
-        return out
+        new = self._pieces[self._emitted :]
+        self._emitted = len(self._pieces)
+        if finished and self._tail:
+            self._pieces.append(self._tail)
+            new.append(self._tail)
+            self._tail = ""
+            self._emitted = len(self._pieces)
+        return new[0] if len(new) == 1 else "".join(new)

@@ -295,7 +295,7 @@ class LLMEngine:
         logits = self.runner.execute(inputs)
         outputs: list[RequestOutput] = []
         for req, n in sched.scheduled:
-            req.num_computed_tokens += n
+            self.scheduler.advance(req, n)
             try:
                 self._inject("cache_blocks", req)
                 self.kv.cache_full_blocks(req)
@@ -355,10 +355,11 @@ class LLMEngine:
             request_id=req.request_id,
             prompt=req.prompt,
             prompt_token_ids=req.prompt_token_ids,
-            outputs=[CompletionOutput(0, "", list(req.output_token_ids), finish_reason="error")],
+            outputs=[CompletionOutput(0, "", req.output_token_ids, finish_reason="error")],
             finished=True,
             metrics=RequestMetrics(req.arrival_time, req.first_token_time, time.monotonic()),
             error=message,
+            num_output_tokens=req.num_output_tokens,
         )
 
     def _append_token(
@@ -402,24 +403,35 @@ class LLMEngine:
         return out
 
     def _output(self, req: Request, new_tokens: list[int], lp) -> RequestOutput:
+        """This step's output for ``req``: the delta, and the whole generation once finished.
+
+        Nothing here is proportional to the generation so far except the one-off copy of the
+        finished output: a stream of n tokens costs O(n) in all, not O(n^2).
+        """
         finished = req.finish_reason is not None
         detok = self._detok.get(req.request_id)
-        text = detok.text if detok else ""
         delta = detok.delta(finished) if detok else ""
-        completion = CompletionOutput(
-            index=0,
-            text=text,
-            token_ids=list(req.output_token_ids),
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-            logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
-        )
-        metrics = RequestMetrics(
-            arrival_time=req.arrival_time,
-            first_token_time=req.first_token_time,
-            finished_time=time.monotonic() if finished else None,
-            token_times=list(req.token_times) if finished else [],
-        )
+        delta_lps = [lp] if lp is not None else None
+        if finished:
+            completion = CompletionOutput(
+                index=0,
+                text=detok.text if detok else "",
+                token_ids=req.output_token_ids,
+                finish_reason=req.finish_reason,
+                stop_reason=req.stop_reason,
+                logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+            )
+            metrics = RequestMetrics(
+                arrival_time=req.arrival_time,
+                first_token_time=req.first_token_time,
+                finished_time=time.monotonic(),
+                token_times=list(req.token_times),
+            )
+        else:
+            completion = CompletionOutput(
+                index=0, text=delta, token_ids=new_tokens, logprobs=delta_lps
+            )
+            metrics = RequestMetrics(req.arrival_time, req.first_token_time)
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
@@ -430,7 +442,8 @@ class LLMEngine:
             num_cached_tokens=max(req.num_cached_tokens, 0),
             delta_text=delta,
             delta_token_ids=new_tokens,
-            delta_logprobs=[lp] if lp is not None else None,
+            delta_logprobs=delta_lps,
+            num_output_tokens=req.num_output_tokens,
         )
 
     # ---- introspection ------------------------------------------------------------------
@@ -457,17 +470,11 @@ class LLMEngine:
         nothing about whether they hold 20 tokens to compute or 4,000).
 
         Waiting requests count their prompt minus what the prefix cache holds of it, looked
-        up once per request (an estimate: the cache may change before it is admitted).
+        up once per request (an estimate: the cache may change before it is admitted). The
+        scheduler keeps the sum as requests arrive, advance and leave, so reading it after
+        every step costs nothing like a walk over every request.
         """
-        total = 0
-        for req in self.scheduler.running:
-            total += max(req.num_prompt_tokens - req.num_computed_tokens, 0)
-        block_size = self.kv.block_size
-        for req in self.scheduler.waiting:
-            if req.cached_estimate is None:
-                req.cached_estimate = len(self.kv.find_cached_prefix(req)) * block_size
-            total += max(req.num_prompt_tokens - req.cached_estimate, 0)
-        return total
+        return self.scheduler.pending_prefill_tokens()
 
     def drain_kv_events(self) -> list[KVEvent]:
         return self.kv.drain_events()

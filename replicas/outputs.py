@@ -34,7 +34,16 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """Cumulative output of one request, plus what is new since the previous output."""
+    """One request's output after a step: what is new since its previous output (the
+    ``delta_*`` fields, always), and the whole generation once it has finished.
+
+    While a request runs, ``outputs[0]`` holds only this step's delta as well (its ``text``,
+    ``token_ids`` and ``logprobs`` are ``delta_text``, ``delta_token_ids`` and
+    ``delta_logprobs``), so producing a step's output never copies the generation so far; a
+    streaming consumer appends the deltas. The finished output's ``outputs[0]`` is the whole
+    generation (built once, at the end), as ``LLM.generate`` returns it.
+    ``num_output_tokens`` counts the tokens generated so far in either case.
+    """
 
     request_id: str
     prompt: str | None
@@ -47,3 +56,4 @@ class RequestOutput:
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[dict[int, float]] | None = None
     error: str | None = None
+    num_output_tokens: int = 0

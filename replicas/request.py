@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +37,8 @@ class Request:
     # Prompt tokens expected from the prefix cache while waiting (engine.stats' estimate).
     cached_estimate: int | None = None
     generator: torch.Generator | None = None
+    # The sampler's incremental per-request statistics (penalties), kept across steps.
+    sampler_state: Any = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)

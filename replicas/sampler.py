@@ -1,20 +1,36 @@
 """Turn each sequence's logits into its next token: penalties, temperature, top-k/p, min-p.
 
-Greedy rows take the argmax. Random rows draw with the request's own ``torch.Generator``, so a
-seeded request gives the same tokens whatever else shares its batch. Logprobs are those of the
-model's raw distribution (before penalties and temperature), as vLLM reports them.
+One batched path serves a batch that mixes every parameter: per-row values travel as small
+tensors and every transform is a row-wise tensor op, so a step costs a fixed number of ops and
+a single device-to-host transfer, however many rows and whatever their parameters.
+
+Greedy rows take the argmax of their (penalised, masked) logits: the same tokens, bit for bit,
+as applying the same transforms to the row alone. Random rows invert their CDF at one uniform
+drawn per row from the request's own ``torch.Generator``, all rows in one batched
+softmax/cumsum/search. Each random row draws exactly one number per step from its generator
+and every op works along one row (no reduction is split across rows or threads differently
+for different batch shapes), so a seeded request gives the same tokens whatever else shares
+its batch.
+
+Logprobs are those of the model's raw distribution (before penalties and temperature), as vLLM
+reports them.
 
 Numerical safety: every value inside the accepted parameter ranges must give a token, never
-NaN or inf. Tiny temperatures or repetition penalties would overflow float32 logits to inf
-(then ``softmax`` gives NaN and ``multinomial`` raises), so temperatures below
-``SAMPLING_EPS`` sample greedily (``SamplingParams.greedy``, as vLLM does) and logits are
-clamped to finite values after each transform; masked entries stay ``-inf`` and at least
-one entry always survives the masks.
+NaN or inf. Tiny temperatures or repetition penalties would overflow float32 logits to inf, so
+temperatures below ``SAMPLING_EPS`` sample greedily (``SamplingParams.greedy``, as vLLM does)
+and logits are clamped to finite values after each transform; masked entries stay ``-inf`` and
+at least one entry always survives the masks, and a draw never lands on a masked entry.
 Returned logprobs are finite: ``-inf`` is reported as ``LOGPROB_FLOOR`` (as OpenAI does), so
 every body the API sends is strict JSON.
 
+Penalties read per-request token statistics (distinct tokens seen, output counts) that are
+kept on the request and extended by the tokens added since the previous step, and touch only
+those tokens' logits: no step re-reads a request's whole history or sweeps the vocabulary.
+
 Faults stay with their request: ``sample`` returns, per row, either ``(token, logprobs)`` or
-the exception that row raised, and the engine fails only that request.
+the exception that row raised, and the engine fails only that request. A row with no finite
+logit fails alone; any other fault in the batched path re-runs the batch row by row, so only
+the rows that fault on their own fail.
 """
 
 from __future__ import annotations
@@ -38,78 +54,277 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
     ).clamp_(max=_MAX_LOGIT)
 
 
-def _apply_penalties(logits: torch.Tensor, req: Request) -> torch.Tensor:
-    p = req.params
-    vocab = logits.shape[-1]
-    if p.repetition_penalty != 1.0:
-        seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-        seen[torch.tensor(req.token_ids, device=logits.device)] = True
-        penalised = torch.where(
-            logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty
-        )
-        logits = torch.where(seen, penalised, logits)
-    if (p.frequency_penalty or p.presence_penalty) and req.num_output_tokens:
-        out_ids = torch.tensor(req.output_token_ids, device=logits.device)
-        counts = torch.bincount(out_ids, minlength=vocab)[:vocab].to(logits.dtype)
-        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
-    return _finite(logits)
+# ---- penalties: sparse per-request statistics, extended incrementally --------------------------
+class PenaltyState:
+    """What penalties need of a request's history: the distinct tokens it has seen (prompt and
+    output) and how often each occurs in the output. Penalties only ever change the logits of
+    these tokens, so they are applied sparsely: O(distinct tokens) work, not O(vocabulary).
 
-
-def _filter(logits: torch.Tensor, req: Request) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p masks (masked logits become -inf).
-
-    Each mask keeps the most likely token, so a row with any finite logit keeps one.
+    Kept on the request and extended by the tokens added since the previous step (one per
+    decode step); device tensors grow by doubling, so extending is amortised O(1).
     """
-    p = req.params
-    logits = _finite(logits / p.temperature)
-    if p.top_k > 0 and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+
+    def __init__(self, req: Request, device: torch.device) -> None:
+        self.device = device
+        self.num_prompt_tokens = req.num_prompt_tokens
+        self.num_tokens = 0
+        self.where: dict[int, int] = {}  # token -> its slot
+        self.ids = torch.zeros(16, dtype=torch.long, device=device)
+        self.counts = torch.zeros(16, dtype=torch.float32, device=device)
+        self.size = 0
+
+    def extend(self, token_ids: list[int], vocab: int) -> None:
+        start = self.num_tokens
+        new_ids: list[int] = []
+        new_counts: list[float] = []
+        bumps: list[int] = []
+        for offset, token in enumerate(token_ids[start:]):
+            if not 0 <= token < vocab:
+                raise IndexError(f"token id {token} is outside [0, {vocab})")
+            is_output = start + offset >= self.num_prompt_tokens
+            slot = self.where.get(token)
+            if slot is None:
+                self.where[token] = self.size + len(new_ids)
+                new_ids.append(token)
+                new_counts.append(1.0 if is_output else 0.0)
+            elif slot >= self.size:  # first seen in this very extension
+                new_counts[slot - self.size] += 1.0 if is_output else 0.0
+            elif is_output:
+                bumps.append(slot)
+        if bumps:
+            if len(bumps) == 1:
+                self.counts[bumps[0]] += 1.0
+            else:
+                index = torch.tensor(bumps, dtype=torch.long, device=self.device)
+                self.counts.index_put_((index,), torch.ones_like(index, dtype=torch.float32), True)
+        if new_ids:
+            end = self.size + len(new_ids)
+            if end > self.ids.numel():
+                capacity = max(2 * self.ids.numel(), end)
+                self.ids = torch.cat([self.ids, self.ids.new_zeros(capacity - self.ids.numel())])
+                self.counts = torch.cat(
+                    [self.counts, self.counts.new_zeros(capacity - self.counts.numel())]
+                )
+            if len(new_ids) == 1:
+                self.ids[self.size] = new_ids[0]
+                self.counts[self.size] = new_counts[0]
+            else:
+                self.ids[self.size : end] = torch.tensor(new_ids, device=self.device)
+                self.counts[self.size : end] = torch.tensor(new_counts, device=self.device)
+            self.size = end
+        self.num_tokens = len(token_ids)
+
+
+def penalty_state(req: Request, vocab: int, device: torch.device) -> PenaltyState:
+    """``req``'s penalty statistics, brought up to date with its tokens."""
+    state = req.sampler_state
+    if (
+        not isinstance(state, PenaltyState)
+        or state.num_tokens > len(req.token_ids)
+        or state.device != device
+    ):
+        state = PenaltyState(req, device)
+        req.sampler_state = state
+    if state.num_tokens < len(req.token_ids):
+        state.extend(req.token_ids, vocab)
+    return state
+
+
+def _apply_penalties(x: torch.Tensor, rows: list[int], reqs: list[Request]) -> None:
+    """Repetition, frequency and presence penalties on ``x[rows]``, in place, touching only
+    the tokens each row has seen (the others are unchanged by every penalty)."""
+    vocab, device = x.shape[-1], x.device
+    states = [penalty_state(reqs[i], vocab, device) for i in rows]
+    sizes = [s.size for s in states]
+    ids = torch.cat([s.ids[: s.size] for s in states])
+    counts = torch.cat([s.counts[: s.size] for s in states])
+    values = torch.tensor(
+        [
+            [
+                reqs[i].params.repetition_penalty,
+                reqs[i].params.frequency_penalty,
+                reqs[i].params.presence_penalty,
+            ]
+            for i in rows
+        ],
+        dtype=torch.float32,
+        device=device,
+    )
+    owner = torch.repeat_interleave(
+        torch.arange(len(rows), device=device), torch.tensor(sizes, device=device)
+    )
+    rep, freq, pres = values[owner].unbind(dim=1)
+    batch_rows = torch.tensor(rows, device=device)[owner]
+    flat = x.view(-1)
+    index = batch_rows * vocab + ids
+    seen = flat[index]
+    # A penalty of 1 (or 0) leaves a logit bit for bit as it was: x/1, x*1 and x-0 are exact.
+    seen = torch.where(seen > 0, seen / rep, seen * rep)
+    seen = seen - freq * counts - pres * (counts > 0)
+    flat[index] = _finite(seen)
+
+
+# ---- temperature and the masks ---------------------------------------------------------------
+def _filter(x: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks for random rows ``x`` (masked logits
+    become -inf). Each mask keeps the most likely token, so a row with any finite logit keeps
+    one. Every reduction spans a whole row, so a row's result never depends on its companions.
+    """
+    device = x.device
+    vocab = x.shape[-1]
+    params = [r.params for r in reqs]
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    x = _finite(x / temps[:, None])
+    neg_inf = float("-inf")
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    top_k_rows = [i for i, k in enumerate(ks) if k < vocab and params[i].top_p >= 1.0]
+
+    if top_k_rows:  # rows with top-k alone: the k-th largest value from one topk
+        index = torch.tensor(top_k_rows, device=device)
+        sub = x.index_select(0, index)
+        row_ks = [ks[i] for i in top_k_rows]
+        values = torch.topk(sub, max(row_ks), dim=-1).values
+        kth = values.gather(1, torch.tensor(row_ks, device=device)[:, None] - 1)
+        x.index_copy_(0, index, sub.masked_fill(sub < kth, neg_inf))
+
+    if top_p_rows:  # top-p (and any top-k of the same rows) from one sort
+        index = torch.tensor(top_p_rows, device=device)
+        sub = x.index_select(0, index)
+        sorted_x, order = torch.sort(sub, dim=-1, descending=True)
+        row_ks = torch.tensor([ks[i] for i in top_p_rows], device=device)
+        kth = sorted_x.gather(1, row_ks[:, None] - 1)  # k = vocab: the smallest, masks nothing
+        sorted_x = sorted_x.masked_fill(sorted_x < kth, neg_inf)
+        probs = torch.softmax(sorted_x, dim=-1)
+        top_p = torch.tensor(
+            [params[i].top_p for i in top_p_rows], dtype=torch.float32, device=device
+        )
         # Drop a token once the mass before it already reaches top_p (always keep the first).
-        drop = (probs.cumsum(-1) - probs) >= p.top_p
-        drop[..., 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    if p.min_p > 0.0:
-        probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-    return logits
+        drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+        drop[:, 0] = False
+        drop |= sorted_x == neg_inf  # top-k's mask
+        drop = torch.zeros_like(drop).scatter_(1, order, drop)
+        x.index_copy_(0, index, sub.masked_fill(drop, neg_inf))
+
+    min_p_rows = [i for i, p in enumerate(params) if p.min_p > 0.0]
+    if min_p_rows:
+        index = torch.tensor(min_p_rows, device=device)
+        sub = x.index_select(0, index)
+        probs = torch.softmax(sub, dim=-1)
+        min_p = torch.tensor(
+            [params[i].min_p for i in min_p_rows], dtype=torch.float32, device=device
+        )
+        cut = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        x.index_copy_(0, index, sub.masked_fill(probs < cut, neg_inf))
+    return x
 
 
-def _topn_logprobs(raw: torch.Tensor, token: int, n: int) -> dict[int, float]:
+def _draw(x: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """Sample one token per row of ``x`` (masked logits) by inverting its CDF at a uniform
+    drawn from the row's own generator: one number per row and step (a tiny op, no host
+    sync), then a batched softmax, cumsum and search. Both the softmax and the cumsum run
+    along each row on its own, so a row's token never depends on its companions."""
+    uniforms = torch.cat(
+        [torch.rand(1, generator=r.generator, device=x.device, dtype=torch.float64) for r in reqs]
+    )
+    probs = torch.softmax(x, dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms * cdf[:, -1].double()).to(cdf.dtype)
+    tokens = torch.searchsorted(cdf, target[:, None], right=True).clamp_(max=x.shape[-1] - 1)
+    # Rounding can land on a zero-probability (masked) entry at the very end: take the most
+    # likely token instead (never a masked one).
+    zero = probs.gather(1, tokens) <= 0
+    return torch.where(zero, x.argmax(dim=-1, keepdim=True), tokens).squeeze(1)
+
+
+# ---- logprobs ---------------------------------------------------------------------------------
+def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, ns: list[int]) -> list[dict[int, float]]:
+    """Per row: the sampled token's logprob, then the top ``n`` (one host transfer)."""
     lp = torch.log_softmax(raw.float(), dim=-1).clamp_(min=LOGPROB_FLOOR)
-    lp = torch.nan_to_num(lp, nan=LOGPROB_FLOOR)
-    entry = {token: float(lp[token])}
-    if n > 0:
-        top = torch.topk(lp, n)
-        entry.update(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-    return entry
+    lp = torch.nan_to_num_(lp, nan=LOGPROB_FLOOR)
+    chosen = lp.gather(1, tokens[:, None]).double()
+    n_max = min(max(ns), lp.shape[-1])
+    parts = [chosen]
+    if n_max > 0:
+        top = torch.topk(lp, n_max, dim=-1)
+        parts += [top.indices.double(), top.values.double()]
+    rows = torch.cat(parts, dim=1).tolist()
+    out = []
+    for row, token, n in zip(rows, tokens.tolist(), ns, strict=True):
+        entry = {token: row[0]}
+        n = min(n, n_max)
+        entry.update(
+            zip((int(t) for t in row[1 : 1 + n]), row[1 + n_max : 1 + n_max + n], strict=True)
+        )
+        out.append(entry)
+    return out
+
+
+# ---- the batch ---------------------------------------------------------------------------------
+def _sample_batch(
+    logits: torch.Tensor, reqs: list[Request], eos_token_ids: list[int]
+) -> list[RowResult]:
+    """Every row of ``logits [B, V]`` in one pass: a fixed number of batched ops whatever the
+    mix of parameters, one host transfer for the tokens (and one for logprobs, if asked)."""
+    device = logits.device
+    x = _finite(logits.float().contiguous())
+    params = [r.params for r in reqs]
+
+    penalised = [i for i, p in enumerate(params) if p.needs_penalties]
+    if penalised:
+        _apply_penalties(x, penalised, reqs)
+
+    ban_rows: list[int] = []
+    ban_cols: list[int] = []
+    for i, (req, p) in enumerate(zip(reqs, params, strict=True)):
+        if req.num_output_tokens < p.min_tokens:
+            banned = [*([] if p.ignore_eos else eos_token_ids), *(p.stop_token_ids or [])]
+            ban_rows += [i] * len(banned)
+            ban_cols += banned
+    if ban_rows:
+        x[torch.tensor(ban_rows, device=device), torch.tensor(ban_cols, device=device)] = float(
+            "-inf"
+        )
+
+    selectable = x.amax(dim=-1) > float("-inf")  # exact: a max, no rounding
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not random_rows:
+        tokens = x.argmax(dim=-1)
+    elif len(random_rows) == len(reqs):
+        tokens = _draw(_filter(x, reqs), reqs)
+    else:
+        tokens = x.argmax(dim=-1)  # greedy rows: the argmax of exactly these values
+        index = torch.tensor(random_rows, device=device)
+        sub = [reqs[i] for i in random_rows]
+        tokens.index_copy_(0, index, _draw(_filter(x.index_select(0, index), sub), sub))
+
+    host = torch.stack([tokens, selectable.long()]).tolist()
+    lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None and host[1][i]]
+    entries: dict[int, dict[int, float]] = {}
+    if lp_rows:
+        index = torch.tensor(lp_rows, device=device)
+        got = _logprobs(
+            logits.index_select(0, index),
+            tokens.index_select(0, index),
+            [params[i].logprobs for i in lp_rows],  # type: ignore[misc]
+        )
+        entries = dict(zip(lp_rows, got, strict=True))
+    results: list[RowResult] = []
+    for i, (token, ok) in enumerate(zip(*host, strict=True)):
+        if not ok:
+            results.append(ValueError("every token was masked: no finite logit to sample from"))
+        else:
+            results.append((token, entries.get(i)))
+    return results
 
 
 def sample_row(row: torch.Tensor, req: Request, eos_token_ids: list[int]) -> RowResult:
-    """One request's next token and its logprobs (``None`` unless asked for)."""
-    p = req.params
-    raw = row
-    row = _finite(row.float())
-    if p.needs_penalties:
-        row = _apply_penalties(row, req)
-    if req.num_output_tokens < p.min_tokens:
-        banned = [*([] if p.ignore_eos else eos_token_ids), *(p.stop_token_ids or [])]
-        if banned:
-            row = row.clone()
-            row[torch.tensor(banned, device=row.device)] = float("-inf")
-    if not bool(torch.isfinite(row).any()):
-        raise ValueError("every token was masked: no finite logit to sample from")
-    if p.greedy:
-        token = int(row.argmax())
-    else:
-        probs = torch.softmax(_filter(row, req), dim=-1)
-        token = int(torch.multinomial(probs, 1, generator=req.generator))
-    lp = _topn_logprobs(raw, token, p.logprobs) if p.logprobs is not None else None
-    return token, lp
+    """One request's next token and its logprobs (``None`` unless asked for); the batched
+    path with a batch of one, so it gives exactly what that row gets in any batch."""
+    try:
+        return _sample_batch(row[None], [req], eos_token_ids)[0]
+    except Exception as exc:
+        return exc
 
 
 def sample(logits: torch.Tensor, reqs: list[Request], eos_token_ids: list[int]) -> list[RowResult]:
@@ -127,10 +342,11 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_token_ids: list[int]) 
     )
     if simple:
         return [(t, None) for t in logits.argmax(dim=-1).tolist()]
-    results: list[RowResult] = []
-    for row, req in zip(logits, reqs, strict=True):
-        try:
-            results.append(sample_row(row, req, eos_token_ids))
-        except Exception as exc:  # this request's fault alone
-            results.append(exc)
-    return results
+    try:
+        return _sample_batch(logits, reqs, eos_token_ids)
+    except Exception as exc:
+        if len(reqs) == 1:
+            return [exc]
+    # Some row's own processing raised: find which, one row at a time (rare; the rows that
+    # are fine get exactly the tokens they would have had in the batch).
+    return [sample_row(row, req, eos_token_ids) for row, req in zip(logits, reqs, strict=True)]

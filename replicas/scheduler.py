@@ -50,10 +50,47 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Prompt tokens admitted but not computed yet, kept as requests move (never a walk
+        # over every request): running requests count what is left of their prompt, waiting
+        # ones their prompt minus the prefix-cache estimate, looked up once per wait, lazily.
+        self._running_pending = 0
+        self._waiting_pending = 0
+        self._unestimated: dict[int, Request] = {}  # waiting, estimate not looked up yet
+
+    @staticmethod
+    def _left_to_compute(req: Request) -> int:
+        return max(req.num_prompt_tokens - req.num_computed_tokens, 0)
+
+    def _enter_waiting(self, req: Request) -> None:
+        req.cached_estimate = None
+        self._unestimated[id(req)] = req
+
+    def _leave_waiting(self, req: Request) -> None:
+        if self._unestimated.pop(id(req), None) is None and req.cached_estimate is not None:
+            self._waiting_pending -= max(req.num_prompt_tokens - req.cached_estimate, 0)
+
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens admitted but not computed yet (see ``LLMEngine.pending_prefill_tokens``);
+        O(requests that arrived or were preempted since the last call)."""
+        if self._unestimated:
+            block_size = self.kv.block_size
+            for req in self._unestimated.values():
+                req.cached_estimate = len(self.kv.find_cached_prefix(req)) * block_size
+                self._waiting_pending += max(req.num_prompt_tokens - req.cached_estimate, 0)
+            self._unestimated.clear()
+        return self._running_pending + self._waiting_pending
+
+    def advance(self, req: Request, num_tokens: int) -> None:
+        """``req`` computed ``num_tokens`` more tokens (its scheduled share of a step)."""
+        before = self._left_to_compute(req)
+        req.num_computed_tokens += num_tokens
+        if req.status == RequestStatus.RUNNING:
+            self._running_pending += self._left_to_compute(req) - before
 
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
+        self._enter_waiting(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -107,12 +144,14 @@ class Scheduler:
             if not self.kv.allocate_slots(req, num_new, hits):
                 break
             self.waiting.popleft()
+            self._leave_waiting(req)
             self.kv.record_query(req, num_hit)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = min(num_hit, req.num_prompt_tokens)
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            self._running_pending += self._left_to_compute(req)
             out.scheduled.append((req, num_new))
             budget -= num_new
             if pending is not None:
@@ -142,18 +181,21 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        self._running_pending -= self._left_to_compute(req)
         req.num_computed_tokens = 0
-        req.cached_estimate = None
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+        self._enter_waiting(req)
 
     def finish(self, req: Request) -> None:
         """Retire ``req`` (finished or aborted) wherever it is, and free its blocks."""
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
+            self._running_pending -= self._left_to_compute(req)
         elif req.status == RequestStatus.WAITING:
             self.waiting.remove(req)
+            self._leave_waiting(req)
         req.status = RequestStatus.FINISHED
         self.kv.free(req)

@@ -38,7 +38,7 @@ from kvmesh.router.protocol import ChatCompletionRequest, CompletionRequest
 from kvmesh.router.replica_client import ReplicaStream, open_stream
 from kvmesh.router.response_cache import Generation, ResponseCache, cache_key
 from kvmesh.router.routing import metrics as router_metrics
-from kvmesh.router.streams import CachedStream, TokenSource, accumulate, merge
+from kvmesh.router.streams import CachedStream, GenerationBuilder, TokenSource, merge
 from kvmesh.router.tokenization import ModelInfo, PromptInput, load_model_info
 
 log = logging.getLogger(__name__)
@@ -247,14 +247,14 @@ class Ingress:
 
     @staticmethod
     async def collect(sources: list[TokenSource]) -> list[Generation]:
-        gens = [Generation(replica=s.replica) for s in sources]
+        builders = [GenerationBuilder(s.replica) for s in sources]
         try:
             async for i, chunk in merge(sources):
-                accumulate(gens[i], chunk)
+                builders[i].add(chunk)
         finally:
             for source in sources:
                 source.cancel()
-        return gens
+        return [b.build() for b in builders]
 
     # ---- /v1/completions ------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -291,12 +291,12 @@ class Ingress:
         rid: str,
         created: int,
     ) -> AsyncIterator[bytes]:
-        gens = [Generation(replica=s.replica) for s in sources]
+        builders = [GenerationBuilder(s.replica) for s in sources]
 
         async def events() -> AsyncIterator[bytes]:
             async for i, chunk in merge(sources):
-                offset = len(gens[i].text)
-                accumulate(gens[i], chunk)
+                offset = builders[i].text_length
+                builders[i].add(chunk)
                 lp = None
                 if req.logprobs is not None and chunk.delta_logprobs:
                     lp = fmt.completion_logprobs(
@@ -315,6 +315,7 @@ class Ingress:
                 )
                 self.observe_emit(target, chunk)
                 yield data
+            gens = [b.build() for b in builders]
             if req.include_usage:
                 yield fmt.sse(fmt.usage_chunk(rid, created, target, "text_completion", gens))
             self.remember(target, prompts, params, sources, gens)
@@ -377,7 +378,7 @@ class Ingress:
         rid: str,
         created: int,
     ) -> AsyncIterator[bytes]:
-        gen = Generation(replica=sources[0].replica)
+        builder = GenerationBuilder(sources[0].replica)
         top = params.logprobs
 
         async def events() -> AsyncIterator[bytes]:
@@ -387,7 +388,7 @@ class Ingress:
                 )
             )
             async for _, chunk in merge(sources):
-                accumulate(gen, chunk)
+                builder.add(chunk)
                 lp = None
                 if top is not None and chunk.delta_logprobs:
                     lp = fmt.chat_logprobs(
@@ -405,6 +406,7 @@ class Ingress:
                     yield fmt.sse(
                         fmt.chat_chunk(rid, created, target, {}, None, chunk.finish_reason)
                     )
+            gen = builder.build()
             if req.include_usage:
                 yield fmt.sse(fmt.usage_chunk(rid, created, target, "chat.completion.chunk", [gen]))
             self.remember(target, prompts, params, sources, [gen])

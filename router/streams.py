@@ -51,17 +51,56 @@ class CachedStream:
         pass
 
 
-def accumulate(gen: Generation, chunk: ReplicaChunk) -> None:
-    """Fold one chunk into the generation it belongs to."""
-    gen.replica = chunk.replica or gen.replica
-    gen.text += chunk.delta_text
-    gen.token_ids.extend(chunk.delta_token_ids)
-    if chunk.delta_logprobs is not None:
-        gen.logprobs = (gen.logprobs or []) + list(chunk.delta_logprobs)
-    if chunk.finish_reason is not None:
-        gen.finish_reason = chunk.finish_reason
-    gen.num_prompt_tokens = chunk.num_prompt_tokens or gen.num_prompt_tokens
-    gen.num_cached_tokens = max(gen.num_cached_tokens, chunk.num_cached_tokens)
+class GenerationBuilder:
+    """Folds a stream's chunks into the ``Generation`` it adds up to, in amortised O(1) per
+    chunk: text pieces, token ids and logprobs are appended to lists and the text is joined
+    once, in ``build`` (appending to a ``str`` field would copy the text so far every time).
+    """
+
+    def __init__(self, replica: str = "") -> None:
+        self.replica = replica
+        self._pieces: list[str] = []
+        self.text_length = 0
+        """Characters of text so far (a completion's logprob text offsets)."""
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, float]] | None = None
+        self.finish_reason: str | None = None
+        self.num_prompt_tokens = 0
+        self.num_cached_tokens = 0
+        self._built: Generation | None = None
+
+    def add(self, chunk: ReplicaChunk) -> None:
+        """Fold one chunk in."""
+        self._built = None
+        self.replica = chunk.replica or self.replica
+        if chunk.delta_text:
+            self._pieces.append(chunk.delta_text)
+            self.text_length += len(chunk.delta_text)
+        self.token_ids.extend(chunk.delta_token_ids)
+        if chunk.delta_logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(chunk.delta_logprobs)
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+        self.num_prompt_tokens = chunk.num_prompt_tokens or self.num_prompt_tokens
+        self.num_cached_tokens = max(self.num_cached_tokens, chunk.num_cached_tokens)
+
+    def build(self) -> Generation:
+        """The generation so far (the text joined once; cached until the next ``add``)."""
+        if self._built is None:
+            if len(self._pieces) > 1:
+                self._pieces[:] = ["".join(self._pieces)]
+            self._built = Generation(
+                replica=self.replica,
+                text=self._pieces[0] if self._pieces else "",
+                token_ids=self.token_ids,
+                logprobs=self.logprobs,
+                finish_reason=self.finish_reason,
+                num_prompt_tokens=self.num_prompt_tokens,
+                num_cached_tokens=self.num_cached_tokens,
+            )
+        return self._built
 
 
 _DONE = object()

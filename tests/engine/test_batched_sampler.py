@@ -1,0 +1,198 @@
+"""The batched sampler: a mixed batch gives every row what it gets alone, greedy rows are
+exactly the argmax of their (penalised) logits, penalty statistics stay right as they are
+extended step by step, and random draws follow the filtered distribution."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kvmesh import SamplingParams
+from kvmesh.replicas.request import Request
+from kvmesh.replicas.sampler import PenaltyState, penalty_state, sample, sample_row
+
+VOCAB = 512
+EOS = [2]
+
+
+def _mixed_params(i: int) -> SamplingParams:
+    kinds = [
+        dict(temperature=0.0),
+        dict(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4),
+        dict(temperature=0.7, top_p=0.9, seed=100 + i),
+        dict(temperature=1.0, top_k=20, seed=100 + i),
+        dict(temperature=0.8, min_p=0.1, seed=100 + i),
+        dict(temperature=1.1, frequency_penalty=0.5, presence_penalty=-0.3, seed=100 + i),
+        dict(temperature=0.6, top_p=0.8, top_k=30, repetition_penalty=0.9, seed=100 + i),
+        dict(temperature=1.3, logprobs=4, seed=100 + i),
+        dict(temperature=0.0, logprobs=0, min_tokens=3),
+        dict(temperature=0.9, min_tokens=2, stop_token_ids=[5, 6], seed=100 + i),
+    ]
+    return SamplingParams(max_tokens=64, **kinds[i % len(kinds)])
+
+
+def _request(i: int, params: SamplingParams, prompt: list[int]) -> Request:
+    req = Request(f"r{i}", list(prompt), params, max_tokens=64)
+    if not params.greedy:
+        req.generator = torch.Generator().manual_seed(params.seed or 0)
+    return req
+
+
+def _prompts(n: int) -> list[list[int]]:
+    rnd = random.Random(7)
+    return [[rnd.randrange(VOCAB) for _ in range(rnd.randrange(1, 12))] for _ in range(n)]
+
+
+def test_mixed_batch_rows_match_each_row_sampled_alone():
+    """Same seed, same history: the same token and logprobs whatever the batch, step by step
+    (the penalty statistics are extended incrementally on both sides)."""
+    n = 23
+    prompts = _prompts(n)
+    batch = [_request(i, _mixed_params(i), prompts[i]) for i in range(n)]
+    alone = [_request(i, _mixed_params(i), prompts[i]) for i in range(n)]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        logits = torch.randn(n, VOCAB, generator=gen) * 4
+        got = sample(logits, batch, EOS)
+        for i in range(n):
+            want = sample_row(logits[i], alone[i], EOS)
+            assert got[i] == want, (i, got[i], want)
+            token = want[0]
+            batch[i].token_ids.append(token)
+            alone[i].token_ids.append(token)
+
+
+def test_seeded_row_is_independent_of_its_companions():
+    """The seeded row's tokens do not change when its companions (and their number) do."""
+    prompt = [11, 12, 13]
+
+    def run(companions: int) -> list[int]:
+        mine, theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+        params = SamplingParams(temperature=0.9, top_p=0.95, top_k=64, seed=42, max_tokens=64)
+        me = _request(0, params, prompt)
+        others = [_request(j + 1, _mixed_params(j), [j % VOCAB]) for j in range(companions)]
+        tokens = []
+        for _ in range(8):
+            rows = [*others, me]
+            logits = torch.cat(
+                [
+                    torch.randn(companions, VOCAB, generator=theirs),
+                    torch.randn(1, VOCAB, generator=mine),  # my row: the same values each run
+                ]
+            )
+            results = sample(logits, rows, EOS)
+            token = results[-1][0]
+            tokens.append(token)
+            for req, res in zip(rows, results, strict=True):
+                req.token_ids.append(res[0])
+        return tokens
+
+    assert run(0) == run(5) == run(17)
+
+
+def _reference_greedy(row: torch.Tensor, req: Request) -> int:
+    """The greedy rule, written out densely on one row (as the per-row sampler did)."""
+    p = req.params
+    row = torch.nan_to_num(row.float(), nan=float("-inf"), posinf=3.4e38 / 4).clamp(max=3.4e38 / 4)
+    if p.repetition_penalty != 1.0:
+        seen = torch.zeros(VOCAB, dtype=torch.bool)
+        seen[torch.tensor(req.token_ids)] = True
+        rp = p.repetition_penalty
+        row = torch.where(seen, torch.where(row > 0, row / rp, row * rp), row)
+    if p.frequency_penalty or p.presence_penalty:
+        counts = torch.bincount(
+            torch.tensor(req.output_token_ids, dtype=torch.long), minlength=VOCAB
+        ).float()
+        row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+    if req.num_output_tokens < p.min_tokens:
+        row = row.clone()
+        row[torch.tensor([*EOS, *(p.stop_token_ids or [])])] = float("-inf")
+    return int(row.argmax())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_rows_are_exactly_the_argmax(seed):
+    rnd = random.Random(seed)
+    n = 16
+    reqs = []
+    for i in range(n):
+        greedy = i % 2 == 0
+        params = SamplingParams(
+            temperature=0.0 if greedy else 0.8,
+            repetition_penalty=rnd.choice([1.0, 1.2, 0.7]),
+            frequency_penalty=rnd.choice([0.0, 0.5, -1.0]),
+            presence_penalty=rnd.choice([0.0, 1.5]),
+            min_tokens=rnd.choice([0, 0, 5]),
+            seed=i,
+            max_tokens=64,
+        )
+        req = _request(i, params, [rnd.randrange(VOCAB) for _ in range(5)])
+        req.token_ids += [rnd.randrange(20) for _ in range(rnd.randrange(0, 30))]
+        reqs.append(req)
+    # Near-ties everywhere: a rounding difference would show as a different argmax.
+    logits = (torch.randn(n, VOCAB, generator=torch.Generator().manual_seed(seed)) * 1e-3).round(
+        decimals=4
+    )
+    results = sample(logits, reqs, EOS)
+    for i in range(0, n, 2):
+        assert results[i][0] == _reference_greedy(logits[i], reqs[i]), i
+    plain = [_request(i, SamplingParams(temperature=0.0, logprobs=1), [1]) for i in range(n)]
+    got = [t for t, _ in sample(logits, plain, EOS)]  # the general path (logprobs asked)
+    assert got == logits.argmax(dim=-1).tolist()
+
+
+def test_penalty_state_extended_step_by_step_equals_a_fresh_one():
+    rnd = random.Random(1)
+    prompt = [rnd.randrange(50) for _ in range(20)]
+    req = Request("x", prompt, SamplingParams(repetition_penalty=1.1), max_tokens=200)
+    for step in range(60):
+        burst = 1 if step % 7 else 3  # several tokens at once too
+        req.token_ids += [rnd.randrange(60) for _ in range(burst)]
+        kept = penalty_state(req, VOCAB, torch.device("cpu"))
+    fresh = PenaltyState(req, torch.device("cpu"))
+    fresh.extend(req.token_ids, VOCAB)
+
+    def dense(state: PenaltyState) -> tuple[torch.Tensor, torch.Tensor]:
+        seen = torch.zeros(VOCAB, dtype=torch.bool)
+        counts = torch.zeros(VOCAB)
+        seen[state.ids[: state.size]] = True
+        counts[state.ids[: state.size]] = state.counts[: state.size]
+        return seen, counts
+
+    want_seen = torch.zeros(VOCAB, dtype=torch.bool)
+    want_seen[torch.tensor(req.token_ids)] = True
+    want_counts = torch.bincount(torch.tensor(req.output_token_ids), minlength=VOCAB).float()
+    for state in (kept, fresh):
+        seen, counts = dense(state)
+        assert torch.equal(seen, want_seen) and torch.equal(counts, want_counts)
+
+
+def test_draws_follow_the_filtered_distribution():
+    """Many independently seeded rows of one distribution: frequencies match its softmax,
+    and top-k / top-p / min-p masked tokens are never drawn."""
+    n, vocab = 4000, 8
+    base = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -8.0])
+    logits = base.repeat(n, 1)
+
+    def draw(**kw) -> torch.Tensor:
+        reqs = []
+        for i in range(n):
+            req = Request(f"d{i}", [1], SamplingParams(seed=i, **kw), max_tokens=4)
+            req.generator = torch.Generator().manual_seed(i)
+            reqs.append(req)
+        tokens = torch.tensor([t for t, _ in sample(logits, reqs, [])])
+        return torch.bincount(tokens, minlength=vocab).float() / n
+
+    freq = draw(temperature=1.0)
+    assert torch.allclose(freq, torch.softmax(base, -1), atol=0.03), freq
+    assert (draw(temperature=1.0, top_k=3)[3:] == 0).all()
+    probs = torch.softmax(base, -1)
+    keep = int(((probs.cumsum(0) - probs) < 0.7).sum())
+    top_p = draw(temperature=1.0, top_p=0.7)
+    assert (top_p[keep:] == 0).all() and (top_p[:keep] > 0).all()
+    min_p = draw(temperature=1.0, min_p=0.3)
+    assert (min_p[probs < 0.3 * probs.max()] == 0).all()
+    hot = draw(temperature=0.5)
+    assert torch.allclose(hot, torch.softmax(base / 0.5, -1), atol=0.03), hot
