@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from ray.serve.exceptions import (
 
 from kvmesh.replicas.wire import ReplicaChunk, ReplicaError, ReplicaRequest
 from kvmesh.router.errors import APIError
+from kvmesh.router.routing import decision_log
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +58,55 @@ class ReplicaStream:
 
     cache_hit = False
 
-    def __init__(self, gen: Any, admitted: ReplicaChunk, retry_after_s: int) -> None:
+    def __init__(
+        self,
+        gen: Any,
+        admitted: ReplicaChunk,
+        retry_after_s: int,
+        req: ReplicaRequest | None = None,
+        t_open: float | None = None,
+    ) -> None:
         self._gen = gen
         self.admitted = admitted
         self.replica = admitted.replica
         self.done = False
         self._retry_after_s = retry_after_s
+        self._req = req
+        self._t_open = t_open
+        self._reported = req is None  # the routing decision's outcome: once, at first output
+
+    def _report(self, chunk: ReplicaChunk | None, error: str | None = None) -> None:
+        """The decision log's outcome for this request (nothing unless a log is on)."""
+        self._reported = True
+        outcome: dict[str, Any] = {"replica": self.replica.rsplit("#", 1)[-1]}
+        if chunk is not None:
+            outcome["cached_tokens"] = chunk.num_cached_tokens
+            if self._t_open is not None:
+                outcome["ttft_s"] = time.monotonic() - self._t_open
+            if self.admitted.t_received is not None and chunk.t_emit:
+                outcome["replica_ttft_s"] = chunk.t_emit - self.admitted.t_received
+        if error is not None:
+            outcome["error"] = error
+        decision_log.report_outcome(self._req.model, self._req.request_id, **outcome)
 
     async def __aiter__(self) -> AsyncIterator[ReplicaChunk]:
         try:
             async for chunk in self._gen:
                 if chunk.error is not None:
                     self.done = True
+                    if not self._reported:
+                        self._report(None, chunk.error.kind)
                     raise to_api_error(chunk.error, self._retry_after_s)
+                if not self._reported:
+                    self._report(chunk)
                 yield chunk
                 if chunk.finish_reason is not None:
                     self.done = True
                     return
         except _REPLICA_GONE as exc:
             self.done = True
+            if not self._reported:
+                self._report(None, type(exc).__name__)
             log.warning("replica %s failed mid-stream: %r", self.replica, exc)
             raise APIError(
                 503,
@@ -102,6 +134,7 @@ async def open_stream(
     replica answers at once and a load-based router would otherwise keep picking it.
     """
     delay, last = 0.1, "no attempt"
+    t_open = time.monotonic()
     for attempt in range(retries + 1):
         gen = handle.options(stream=True).generate.remote(req)
         try:
@@ -120,7 +153,7 @@ async def open_stream(
             raise
         else:
             if first.error is None:
-                return ReplicaStream(gen, first, retry_after_s)
+                return ReplicaStream(gen, first, retry_after_s, req, t_open)
             if first.error.kind not in ("shutting_down", "engine_dead"):
                 raise to_api_error(first.error, retry_after_s)
             last = first.error.message

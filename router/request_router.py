@@ -44,6 +44,7 @@ from typing import Any
 from ray.serve._private.constants import SERVE_LOGGER_NAME
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from kvmesh.router.routing import decision_log
 from kvmesh.router.routing.config import RouterConfig
 from kvmesh.router.routing.core import PrefixRouterCore
 from kvmesh.router.routing.hint import RouteInputs, find_route_inputs, stamp
@@ -74,6 +75,7 @@ class PrefixAwareRequestRouter(RequestRouter):
             self.routing_config, metrics=RouterMetrics(self.routing_config.model_name)
         )
         self._decisions: OrderedDict[str, _Routed] = OrderedDict()
+        self.decision_log = decision_log.open_log(self.routing_config)
 
     def _ensure_core(self) -> PrefixRouterCore:
         # Serve always calls initialize_state; this keeps direct construction (tests) working.
@@ -116,6 +118,8 @@ class PrefixAwareRequestRouter(RequestRouter):
                     functools.partial(self._release_if_cancelled, key)
                 )
             self._decisions[key] = _Routed(decision, inputs, seq, session_id)
+            if self.decision_log is not None:
+                self._log_decision(key, decision, inputs, session_id)
             core.reserve(
                 decision.best,
                 key,
@@ -130,6 +134,17 @@ class PrefixAwareRequestRouter(RequestRouter):
         ranked = [by_id[r] for r in decision.ranked]
         return [[r] for r in ranked[:2]] + ([ranked[2:]] if len(ranked) > 2 else [])
 
+    def _log_decision(self, key: str, decision: Decision, inputs, session_id) -> None:
+        # Logged under kvmesh's request id (the ingress reports the outcome under it).
+        request_id = getattr(inputs.carrier, "request_id", None) if inputs else None
+        self.decision_log.record(
+            request_id or key,
+            decision,
+            inputs.num_prompt_tokens if inputs else 0,
+            session_id=session_id,
+            sticky=decision.sticky,
+        )
+
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
     ) -> None:
@@ -139,6 +154,9 @@ class PrefixAwareRequestRouter(RequestRouter):
         if routed is None:
             return
         inputs = routed.inputs
+        if self.decision_log is not None:
+            logged_id = getattr(inputs.carrier, "request_id", None) if inputs else None
+            self.decision_log.set_chosen(logged_id or request_id, replica_id.unique_id)
         core.on_routed(
             replica_id.unique_id,
             request_id,

@@ -138,6 +138,17 @@ class RouterConfig(BaseModel):
     session_ttl_s: float = Field(default=600.0, gt=0.0)
     max_sessions: int = Field(default=100_000, ge=1)
 
+    decision_log: bool = Field(
+        default=False,
+        description="Keep a record of every routing decision (candidates, cost terms, choice, "
+        "outcome): see kvmesh.router.routing.decision_log.",
+    )
+    decision_log_path: str | None = Field(
+        default=None, description="Also append each finished record to this JSON-lines file."
+    )
+    decision_log_max: int = Field(
+        default=10_000, ge=1, description="Records kept in memory (the oldest go first)."
+    )
     seed: int | None = Field(default=None, description="Seed for tie-breaks and fallbacks.")
 
 

@@ -62,6 +62,10 @@ class Decision:
     costs: dict[Hashable, float]
     keys: Sequence[bytes] = ()
     """The prompt's block keys (set by the core, reused when the request is committed)."""
+    candidates: Sequence[Candidate] = ()
+    """What was ranked (predicted hits and loads): for the decision log and replays."""
+    sticky: Hashable | None = None
+    """The session's previous replica, if it had one."""
 
     @property
     def best(self) -> Hashable:
@@ -135,17 +139,25 @@ def decide(
     ):
         order.remove(sticky)
         order.insert(0, sticky)
-        return Decision(order, Reason.SESSION_AFFINITY, hits, costs)
+        return Decision(
+            order, Reason.SESSION_AFFINITY, hits, costs, candidates=candidates, sticky=sticky
+        )
 
     if len(order) > 1 and _overloaded(loads[order[0]], loads, config):
         a, b = rng.sample(order, 2)
         winner = a if loads[a] <= loads[b] else b
         order.remove(winner)
         order.insert(0, winner)
-        return Decision(order, Reason.LOAD_FALLBACK, hits, costs)
+        return Decision(
+            order, Reason.LOAD_FALLBACK, hits, costs, candidates=candidates, sticky=sticky
+        )
 
     reason = Reason.CACHE_HIT if hits[order[0]] > 0 else Reason.NO_PREFIX
-    return Decision(order, reason, hits, costs)
+    return _made(order, reason, hits, costs, candidates, sticky)
+
+
+def _made(order, reason, hits, costs, candidates, sticky) -> Decision:
+    return Decision(order, reason, hits, costs, candidates=candidates, sticky=sticky)
 
 
 def _overloaded(load: float, loads: dict[Hashable, float], config: RouterConfig) -> bool:

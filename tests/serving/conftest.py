@@ -48,7 +48,7 @@ def tiny_chat_models(make_tiny_model, smollm2_dir) -> tuple[Path, Path]:
     return a, b
 
 
-def app_config(model_a: Path, model_b: Path, port: int) -> dict:
+def app_config(model_a: Path, model_b: Path, port: int, decision_log: Path) -> dict:
     def model(name: str, path: Path, replicas: int, **extra) -> dict:
         return {
             "name": name,
@@ -66,7 +66,13 @@ def app_config(model_a: Path, model_b: Path, port: int) -> dict:
         "host": "127.0.0.1",
         "port": port,
         "models": [
-            model("tiny", model_a, 2, request_router="prefix_aware"),
+            model(
+                "tiny",
+                model_a,
+                2,
+                request_router="prefix_aware",
+                router_options={"decision_log": True, "decision_log_path": str(decision_log)},
+            ),
             # Autoscaled by kvmesh's policy between 1 and 1: the policy runs and reports
             # (autoscaler metrics, /debug/autoscaler) without the replica count moving.
             model(
@@ -92,6 +98,7 @@ class ServeApp:
     url: str
     config: dict
     model_dirs: tuple[Path, Path]
+    decision_log: Path
     api_key: str = API_KEY
     engine_args: dict = field(default_factory=lambda: dict(ENGINE))
 
@@ -107,7 +114,7 @@ class ServeApp:
 
 
 @pytest.fixture(scope="session")
-def serve_app(tiny_chat_models) -> Iterator[ServeApp]:
+def serve_app(tiny_chat_models, tmp_path_factory) -> Iterator[ServeApp]:
     import ray
     from ray import serve
 
@@ -115,7 +122,8 @@ def serve_app(tiny_chat_models) -> Iterator[ServeApp]:
     from kvmesh.cluster.config import AppConfig
 
     port = free_port()
-    config = app_config(*tiny_chat_models, port)
+    decision_log = tmp_path_factory.mktemp("decisions") / "tiny.jsonl"
+    config = app_config(*tiny_chat_models, port, decision_log)
     app_cfg = AppConfig.model_validate(config)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -123,7 +131,7 @@ def serve_app(tiny_chat_models) -> Iterator[ServeApp]:
         serve.run(build_app(app_cfg), name=app_cfg.name, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         wait_until_ok(f"{url}/ready", timeout_s=180)
-        yield ServeApp(url, config, tiny_chat_models)
+        yield ServeApp(url, config, tiny_chat_models, decision_log)
     finally:
         serve.shutdown()
         ray.shutdown()
