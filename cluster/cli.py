@@ -70,6 +70,12 @@ def _add_app_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="ranks per replica, each in the replica's own placement group (one CPU or GPU each)",
     )
+    p.add_argument(
+        "--router",
+        default=None,
+        help="request router of every model: power_of_two (Serve's), prefix_aware (kvmesh's "
+        "cache- and load-aware), round_robin, or module:Class",
+    )
 
 
 def _app_config(args: argparse.Namespace, split_local_cores: bool = True):
@@ -82,6 +88,7 @@ def _app_config(args: argparse.Namespace, split_local_cores: bool = True):
         args.host,
         args.port,
         tensor_parallel_size=args.tensor_parallel_size,
+        router=args.router,
         split_local_cores=split_local_cores,
     )
 

@@ -47,6 +47,7 @@ def config_from_args(
     host: str | None = None,
     port: int | None = None,
     tensor_parallel_size: int | None = None,
+    router: str | None = None,
     *,
     split_local_cores: bool = True,
 ) -> AppConfig:
@@ -83,6 +84,9 @@ def config_from_args(
     if tensor_parallel_size is not None:
         for m in data["models"]:
             m["engine"]["tensor_parallel_size"] = tensor_parallel_size
+    if router is not None:
+        for m in data["models"]:
+            m["request_router"] = router
     if host is not None:
         data["host"] = host
     if port is not None:

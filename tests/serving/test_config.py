@@ -98,6 +98,13 @@ def test_flags_override_the_file_and_split_cores():
     assert [m.replicas for m in canary.models] == [3, 3]
     with pytest.raises(ValueError, match="exactly one model"):
         config_from_args(str(EXAMPLES[0].parent / "serve_canary.yaml"), "/m", None)
+    routed = config_from_args(None, None, 2, router="prefix_aware")
+    assert routed.models[0].prefix_aware
+    with pytest.raises(ValueError, match="request_router"):
+        config_from_args(None, None, 2, router="nearest")
+    # A deploy to another cluster does not size replicas by this machine's cores.
+    remote = config_from_args(None, None, 2, split_local_cores=False)
+    assert remote.models[0].num_cpus == 1.0 and remote.models[0].torch_threads is None
 
 
 def test_deployment_names_are_safe_for_serve():
