@@ -6,7 +6,8 @@ file, written when the request's outcome is known (or when it is evicted unanswe
 
 A record holds:
 
-* ``t`` (wall clock), ``request_id`` (kvmesh's, the one in ``x-kvmesh-request-id``),
+* ``t`` (wall clock), ``request_id`` (kvmesh's per prompt: ``x-kvmesh-request-id`` plus
+  ``-<index of the prompt in the request>``),
   ``session_id``, ``num_prompt_tokens``, ``sticky`` (the session's previous replica, if any);
 * ``candidates``: for every replica considered, the predicted cached tokens and each term of
   the cost (miss, queue, decode, KV) with the load figures behind them, and the total;

@@ -23,7 +23,8 @@ def test_routed_requests_are_logged_with_their_outcome(serve_app):
             body = {"model": "tiny", "prompt": f"{prefix} question {i}", "max_tokens": 3}
             r = c.post("/v1/completions", json=body)
             assert r.status_code == 200, r.text
-            sent[r.headers["x-kvmesh-request-id"]] = r.headers["x-kvmesh-replica"]
+            # Logged per prompt: <x-kvmesh-request-id>-<index of the prompt in the request>.
+            sent[r.headers["x-kvmesh-request-id"] + "-0"] = r.headers["x-kvmesh-replica"]
 
     deadline = time.monotonic() + 10
     while True:
