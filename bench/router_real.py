@@ -59,7 +59,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmesh.cluster import loadgen
-from kvmesh.cluster.config import AppConfig
+from kvmesh.cluster.app_config import AppConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_bench import free_port
@@ -296,7 +296,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    # "local": its own cluster, never one a test or another run left on this machine.
+    ray.init(
+        address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs: dict[str, Any] = {}
     try:

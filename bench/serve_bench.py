@@ -37,7 +37,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmesh.cluster import loadgen
-from kvmesh.cluster.config import AppConfig
+from kvmesh.cluster.app_config import AppConfig
 from kvmesh.cluster.serve_cmd import threads_per_replica
 
 OUT = Path(__file__).parent / "out"
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpus = os.cpu_count() or 2
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs = []
     try:

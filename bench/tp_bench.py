@@ -127,9 +127,9 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     instrument()
 
-    from kvmesh.replicas.config import EngineArgs
-    from kvmesh.replicas.engine import LLMEngine
-    from kvmesh.replicas.tp.engine import TPEngine
+    from kvmesh.replicas.engine_args import EngineArgs
+    from kvmesh.replicas.llm_engine import LLMEngine
+    from kvmesh.replicas.tp.tp_engine import TPEngine
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +142,12 @@ def main() -> None:
                 import ray
 
                 if not ray.is_initialized():
-                    ray.init(num_cpus=max(2, tp), include_dashboard=False, log_to_driver=False)
+                    ray.init(
+                        address="local",
+                        num_cpus=max(2, tp),
+                        include_dashboard=False,
+                        log_to_driver=False,
+                    )
             engine = TPEngine(engine_args) if tp > 1 else LLMEngine(engine_args)
             try:
                 threads = torch.get_num_threads()
