@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "kvmesh.replicas.llm",
     "SamplingParams": "kvmesh.replicas.sampling_params",
-    "EngineArgs": "kvmesh.replicas.config",
-    "LLMEngine": "kvmesh.replicas.engine",
+    "EngineArgs": "kvmesh.replicas.engine_args",
+    "LLMEngine": "kvmesh.replicas.llm_engine",
     "RequestOutput": "kvmesh.replicas.outputs",
     "CompletionOutput": "kvmesh.replicas.outputs",
     "AsyncLLM": "kvmesh.replicas.async_engine",
@@ -34,9 +34,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from kvmesh.replicas.async_engine import AsyncLLM
-    from kvmesh.replicas.config import EngineArgs
-    from kvmesh.replicas.engine import LLMEngine
+    from kvmesh.replicas.engine_args import EngineArgs
     from kvmesh.replicas.llm import LLM
+    from kvmesh.replicas.llm_engine import LLMEngine
     from kvmesh.replicas.outputs import CompletionOutput, RequestOutput
     from kvmesh.replicas.sampling_params import SamplingParams
 

@@ -75,8 +75,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from router_sim import CostModel, SimReplica, SimRequest, _finite, _pct
 
 from kvmesh.cluster import autoscaling
+from kvmesh.cluster.app_config import KVMESH_POLICY_SERVE_DEFAULTS
 from kvmesh.cluster.autoscaling import FleetView, PolicyState, ServeAutoscalingPolicy
-from kvmesh.cluster.config import KVMESH_POLICY_SERVE_DEFAULTS
 from kvmesh.replicas.deployment import RecentWindow
 
 OUT = Path(__file__).parent / "out"

@@ -21,7 +21,7 @@ import itertools
 from workloads import random_requests, shared_prefix_requests
 
 from kvmesh import LLM, SamplingParams
-from kvmesh.replicas.engine import LLMEngine
+from kvmesh.replicas.llm_engine import LLMEngine
 from kvmesh.replicas.model_files import resolve_model_dir
 
 MODEL = str(resolve_model_dir(None))
@@ -101,7 +101,7 @@ def longest_gap(chunked: bool, budget: int) -> dict:
     # Gaps between consecutive tokens of the running streams from the arrival on.
     gaps = []
     for i in range(8):
-        times = [t for t in engine.requests[f"s{i}"].token_times]
+        times = [t for t in engine.output_processor.states[f"s{i}"].token_times]
         times = [t for t in times if t >= arrival - 1.0]
         gaps += [b - a for a, b in itertools.pairwise(times)]
     for i in range(8):

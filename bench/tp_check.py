@@ -62,10 +62,10 @@ def run_tp_check(out: dict[str, Any], max_tokens: int = 48, device: str = "auto"
         import torch
 
         from kvmesh import kernels
-        from kvmesh.replicas.config import EngineArgs
-        from kvmesh.replicas.engine import LLMEngine
+        from kvmesh.replicas.engine_args import EngineArgs
+        from kvmesh.replicas.llm_engine import LLMEngine
         from kvmesh.replicas.model_files import resolve_model_dir
-        from kvmesh.replicas.tp.engine import TPEngine
+        from kvmesh.replicas.tp.tp_engine import TPEngine
 
         model_dir = resolve_model_dir(None)
         rec.update(

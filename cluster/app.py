@@ -14,7 +14,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 
-from kvmesh.cluster.config import (
+from kvmesh.cluster.app_config import (
     AppConfig,
     ModelConfig,
     deployment_name,
@@ -22,6 +22,7 @@ from kvmesh.cluster.config import (
 )
 from kvmesh.replicas.deployment import LLMReplica
 from kvmesh.router.ingress import Ingress, IngressConfig
+from kvmesh.router.routing import CacheReporter
 from kvmesh.router.stats_hub import StatsHub
 
 INGRESS_NAME = "kvmesh-ingress"
@@ -62,9 +63,9 @@ def model_deployment_options(m: ModelConfig, app_name: str) -> dict[str, Any]:
 def tensor_parallel_placement(m: ModelConfig) -> dict[str, Any]:
     """A tensor-parallel replica's own placement group: one bundle per rank, all on one node
     (``STRICT_PACK``). The replica actor sits in bundle 0 and creates its rank workers in the
-    others (``replicas/tp/cluster.py``), so they live and die with it and autoscaling adds or
+    others (``replicas/tp/ray_workers.py``), so they live and die with it and autoscaling adds or
     removes whole groups. One GPU per rank on GPU nodes, one CPU per rank otherwise."""
-    from kvmesh.replicas.tp.cluster import tp_bundles
+    from kvmesh.replicas.tp.ray_workers import tp_bundles
 
     tp = m.engine.tensor_parallel_size
     if tp == 1:
@@ -99,8 +100,14 @@ def build_app(config: AppConfig) -> Application:
         deployment = serve.deployment(LLMReplica).options(
             **model_deployment_options(m, config.name)
         )
+        # The replica reports its cache contents through the router's reporter, injected
+        # here (a replica never imports the router); it is used with report_cache only.
         model_apps[m.name] = deployment.bind(
-            m.engine.model_dump(exclude_defaults=True), m.name, m.replica_options(config), hub
+            m.engine.model_dump(exclude_defaults=True),
+            m.name,
+            m.replica_options(config),
+            hub,
+            CacheReporter,
         )
     # Check what the ingress will be built with here, where a mistake is one clear error,
     # rather than inside Serve (a failed deployment whose cause is only in Ray's logs).
@@ -115,5 +122,5 @@ def build_app(config: AppConfig) -> Application:
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """Serve's application builder: ``args`` is a kvmesh config (see ``cluster/config.py``)."""
+    """Serve's application builder: ``args`` is a kvmesh config (see ``cluster/app_config.py``)."""
     return build_app(AppConfig.model_validate(args))

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kvmesh.replicas.config import EngineArgs
 from kvmesh.replicas.deployment import ReplicaOptions
+from kvmesh.replicas.engine_args import EngineArgs
 from kvmesh.router.auth import check_api_key
 from kvmesh.router.limits import RequestLimits
 

@@ -23,7 +23,7 @@ import httpx
 import yaml
 from pydantic import BaseModel
 
-from kvmesh.cluster.config import AppConfig, load_config
+from kvmesh.cluster.app_config import AppConfig, load_config
 from kvmesh.router import autoscaler_reports
 
 READY_POLL_S = 0.5

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from kvmesh.cluster.config import deployment_name
+from kvmesh.cluster.app_config import deployment_name
 
 
 @dataclass

@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from kvmesh.replicas.config import EngineArgs
-from kvmesh.replicas.engine import LLMEngine, Prompt
+from kvmesh.replicas.engine_args import EngineArgs
+from kvmesh.replicas.llm_engine import LLMEngine, Prompt
 from kvmesh.replicas.outputs import RequestOutput
 from kvmesh.replicas.sampling_params import SamplingParams
 from kvmesh.replicas.warmup import warm_up
@@ -36,7 +36,7 @@ MIN_RATE_SAMPLE_TOKENS = 32
 def build_engine(args: EngineArgs) -> LLMEngine:
     """One process for ``tensor_parallel_size == 1``; Ray workers (``TPEngine``) above that."""
     if args.tensor_parallel_size > 1:
-        from kvmesh.replicas.tp.engine import TPEngine
+        from kvmesh.replicas.tp.tp_engine import TPEngine
 
         return TPEngine(args)
     return LLMEngine(args)
@@ -150,6 +150,48 @@ class AsyncLLM:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def args(self) -> EngineArgs:
+        """The engine's arguments (read-only by convention)."""
+        return self.engine.args
+
+    @property
+    def startup_phases(self) -> dict[str, float]:
+        """Seconds the engine took to start, by phase (files, weights, KV cache, warm-up)."""
+        return dict(self.engine.startup_phases)
+
+    def enable_kv_events(self) -> None:
+        """Record KV-cache events for a consumer that drains them (``drain_kv_events``)."""
+        self.engine.enable_kv_events()
+
+    def cached_block_hashes(self) -> set[bytes]:
+        """Every block the prefix cache holds now. Read without the engine thread: may raise
+        ``RuntimeError`` if the engine changes the cache during the copy (retry later)."""
+        return self.engine.cached_block_hashes()
+
+    def inject_fault(self, kind: str, request_id: str) -> None:
+        """Test-only: ``"request"`` makes ``request_id``'s own sampling fail (that request
+        alone ends with an error); ``"engine"`` makes the next model step raise (the engine
+        loop dies, as on a lost device)."""
+        engine = self.engine
+        if kind == "request":
+
+            def injector(phase: str, request: Any) -> None:
+                if request.request_id == request_id and phase == "sample":
+                    raise RuntimeError("debug hook: injected request fault")
+
+            engine.fault_injector = injector
+        elif kind == "engine":
+            execute = engine.runner.execute
+
+            def broken(sched: Any) -> Any:
+                engine.runner.execute = execute
+                raise RuntimeError("debug hook: injected engine fault")
+
+            engine.runner.execute = broken
+        else:
+            raise ValueError(f"unknown fault kind {kind!r}")
+
     async def generate(
         self,
         prompt: Prompt,
@@ -162,11 +204,8 @@ class AsyncLLM:
         if not self._accepting:
             raise EngineOverloadedError("the replica is shutting down")
         params = params or SamplingParams()
-        if prompt_token_ids is None:
-            text, ids = self.engine.tokenize(prompt)
-        else:
-            text, ids = (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
-        self.engine.validate(ids, params)
+        checked = self.engine.input_processor.process(prompt, params, prompt_token_ids)
+        text, ids = checked.prompt, checked.token_ids
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
@@ -274,9 +313,9 @@ class AsyncLLM:
         return len(self._streams)
 
     def drain_kv_events(self):
-        """KV events since the last drain. Read directly (the pool's event queue is
-        thread-safe): no wait for the engine thread, which may be inside a long prefill step
-        or dead."""
+        """KV events since the last drain (after ``enable_kv_events``). Read directly (the
+        pool's event queue is thread-safe): no wait for the engine thread, which may be inside
+        a long prefill step or dead."""
         return self.engine.drain_kv_events()
 
     def check_health(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 BlockHash = bytes
 """16 bytes. Stable across processes and machines, so replicas and routers agree on names."""
@@ -55,3 +56,26 @@ def hash_block_tokens(
         parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra_keys)
         hashes.append(parent)
     return hashes
+
+
+@dataclass(frozen=True)
+class BlockHasher:
+    """Names a model's prefix blocks: the block size and the hash's extra keys, carried
+    together so that every party that names blocks (the ingress for the router, the engine's
+    KV-cache manager) names them alike. Build it with :meth:`for_model`, the one place that
+    decides the extra keys."""
+
+    block_size: int
+    extra_keys: tuple = ()
+
+    @classmethod
+    def for_model(cls, served_model_name: str, block_size: int) -> BlockHasher:
+        """The served model's hasher: its name is the extra key, so two models (or two
+        versions behind an alias) never share a block name."""
+        return cls(block_size, (served_model_name,))
+
+    def hash_blocks(
+        self, token_ids: Sequence[int], parent: BlockHash | None = None, start_block: int = 0
+    ) -> list[BlockHash]:
+        """Hashes of every full block of ``token_ids`` (see :func:`hash_block_tokens`)."""
+        return hash_block_tokens(token_ids, self.block_size, self.extra_keys, parent, start_block)

@@ -13,10 +13,10 @@ its subclass ``LLMReplica`` with ``serve.deployment``. Serve calls the hooks def
   ``graceful_shutdown_timeout_s``): the engine stops admitting and finishes what is left.
 
 A background task pushes engine stats and Prometheus text to the app's stats hub, which the
-ingress reads for ``/metrics`` and ``/debug/replicas``. The engine's KV-cache events go to the
-prefix-aware router's ``CacheReporter`` when that router is configured (drained in
-``record_routing_stats``); otherwise the same background task drains and drops them, since
-they would pile up in the engine.
+ingress reads for ``/metrics`` and ``/debug/replicas``. With a cache reporter (the prefix-aware
+router's, injected by the app builder: a replica never imports the router) the engine records
+its KV-cache events and ``record_routing_stats`` drains them into the reporter's report;
+without one the engine records none.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,10 +40,10 @@ from kvmesh.replicas.async_engine import (
     EngineOverloadedError,
     RequestFailedError,
 )
-from kvmesh.replicas.config import EngineArgs
+from kvmesh.replicas.engine_args import EngineArgs
 from kvmesh.replicas.outputs import RequestOutput
 from kvmesh.replicas.replica_metrics import ReplicaMetrics
-from kvmesh.replicas.wire import ReplicaChunk, ReplicaError, ReplicaRequest
+from kvmesh.replicas.serve_messages import ReplicaChunk, ReplicaError, ReplicaRequest
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,20 @@ class ReplicaOptions(BaseModel):
 RECENT_TTFT_WINDOW_S = 30.0
 
 
+class CacheReporter(Protocol):
+    """What the replica needs of a cache reporter (the prefix-aware router's
+    ``kvmesh.router.routing.CacheReporter`` is one): acknowledge each request, and turn the
+    KV events drained since the last call into the ``record_routing_stats`` payload."""
+
+    def on_request(self, request: Any) -> None: ...
+
+    def report(self, *, events: list, snapshot_fn: Callable[[], set], load: Any) -> dict: ...
+
+
+CacheReporterFactory = Callable[..., CacheReporter]
+"""Called as ``factory(block_size=...)`` once per replica."""
+
+
 class RecentWindow:
     """Values of the last ``window_s`` seconds (bounded), for a recent percentile. ``now``
     defaults to the monotonic clock (a simulation passes its own)."""
@@ -124,7 +138,10 @@ class LLMServer:
         model_name: str,
         options: dict[str, Any] | None = None,
         stats_hub: Any | None = None,
+        cache_reporter: CacheReporterFactory | None = None,
     ) -> None:
+        """``cache_reporter``: builds the reporter of KV-cache contents for a prefix-aware
+        router (used when the ``report_cache`` option is on)."""
         self.options = ReplicaOptions.model_validate(options or {})
         if self.options.torch_threads is not None:
             import torch
@@ -142,12 +159,12 @@ class LLMServer:
         )
         self.replica = _replica_name(model_name)
         self.metrics = ReplicaMetrics(
-            model_name, self.replica, startup_phases=self.engine.engine.startup_phases
+            model_name, self.replica, startup_phases=self.engine.startup_phases
         )
         self._hub = stats_hub
         self._closing = False
         self._pusher: asyncio.Task | None = None
-        self._cache_reporter = self._make_cache_reporter()
+        self._cache_reporter = self._make_cache_reporter(cache_reporter)
         self._recent_ttft = RecentWindow(RECENT_TTFT_WINDOW_S)
         with contextlib.suppress(RuntimeError):  # no running loop outside Serve: start lazily
             asyncio.get_running_loop()
@@ -166,14 +183,12 @@ class LLMServer:
             self._cache_reporter.on_request(req)
         if self.options.debug_hooks and req.debug_fault is not None:
             self._inject_fault(req)
-        params = req.params
-        if params.max_tokens is None:
-            # "As many as fit": bounded by the context and by the whole KV cache.
-            eng = self.engine.engine
-            room = min(eng.max_model_len, eng.kv.capacity_tokens) - len(req.prompt_token_ids)
-            params.max_tokens = max(room, 1)
+        # max_tokens None: as many as fit (the engine's input processor decides).
         stream = self.engine.generate(
-            req.prompt, params, request_id=req.request_id, prompt_token_ids=req.prompt_token_ids
+            req.prompt,
+            req.params,
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
         )
         # The first step runs validation and admission synchronously, then waits for a token:
         # one loop tick tells whether the engine took the request.
@@ -245,23 +260,7 @@ class LLMServer:
 
     def _inject_fault(self, req: ReplicaRequest) -> None:
         """Test-only fault injection (``debug_hooks``), for the fault-isolation tests."""
-        engine = self.engine.engine
-        if req.debug_fault == "request":
-            doomed = req.request_id
-
-            def injector(phase: str, request: Any) -> None:
-                if request.request_id == doomed and phase == "sample":
-                    raise RuntimeError("debug hook: injected request fault")
-
-            engine.fault_injector = injector
-        elif req.debug_fault == "engine":
-            execute = engine.runner.execute
-
-            def broken(inputs: Any) -> Any:
-                engine.runner.execute = execute
-                raise RuntimeError("debug hook: injected engine fault")
-
-            engine.runner.execute = broken
+        self.engine.inject_fault(req.debug_fault, req.request_id)  # type: ignore[arg-type]
         log.warning("debug hook: %s fault injected by %s", req.debug_fault, req.request_id)
 
     def _maybe_crash(self, req: ReplicaRequest, sent: int) -> None:
@@ -286,7 +285,7 @@ class LLMServer:
     def startup_phases(self) -> dict[str, float]:
         """Seconds this replica took to start, by phase (files, weights, KV cache, kernels,
         warm-up): the ``kvmesh:replica_startup_seconds`` gauge."""
-        return {k: round(v, 3) for k, v in self.engine.engine.startup_phases.items()}
+        return {k: round(v, 3) for k, v in self.engine.startup_phases.items()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What kvmesh's autoscaling policy reads (``cluster/autoscaling.py``): the load
@@ -302,7 +301,7 @@ class LLMServer:
             "prefill_tokens_total": float(self.engine.prefill_tokens_total),
             "ttft_p90_s": self._recent_ttft.p90(),
             "num_preemptions": float(s.get("num_preemptions", 0)),
-            "max_num_seqs": float(self.engine.engine.args.max_num_seqs),
+            "max_num_seqs": float(self.engine.args.max_num_seqs),
         }
 
     def load(self, s: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -353,26 +352,27 @@ class LLMServer:
                 await self._hub.forget.remote(self.replica)
 
     # ---- ROUTER PLUG-IN POINT ---------------------------------------------------------------
-    # The prefix-aware router (router/request_router.py) reads what the replica-side
-    # CacheReporter (router/routing/reporter.py) builds from the engine's KV-cache events.
-    # Wired here and only here: the reporter is made below, acknowledges each request in
-    # ``generate``, and its report rides in ``record_routing_stats``. With any other router
-    # (``report_cache`` off) events are drained by the stats loop and dropped.
-    def _make_cache_reporter(self) -> Any | None:
+    # The prefix-aware router (router/request_router.py) reads what a replica-side cache
+    # reporter builds from the engine's KV-cache events. The app builder injects the
+    # reporter's factory (``cache_reporter``); the reporter acknowledges each request in
+    # ``generate`` and its report rides in ``record_routing_stats``. Without one (any other
+    # router) the engine records no events at all.
+    def _make_cache_reporter(self, factory: CacheReporterFactory | None) -> CacheReporter | None:
         if not self.options.report_cache:
             return None
-        from kvmesh.router.routing import CacheReporter
-
-        return CacheReporter(block_size=self.engine.engine.args.block_size)
+        if factory is None:
+            raise ValueError("report_cache needs a cache_reporter factory")
+        self.engine.enable_kv_events()
+        return factory(block_size=self.engine.args.block_size)
 
     async def _cache_contents(self) -> dict[str, Any]:
         if self._cache_reporter is None:
             return {}
         # Every event goes to the reporter (it numbers them), so only this path drains them.
-        events = self.engine.drain_kv_events()
-        kv = self.engine.engine.kv
         return self._cache_reporter.report(
-            events=events, snapshot_fn=kv.cached_block_hashes, load=self.engine.stats()
+            events=self.engine.drain_kv_events(),
+            snapshot_fn=self.engine.cached_block_hashes,
+            load=self.engine.stats(),
         )
 
     # ---- stats push ---------------------------------------------------------------------------
@@ -381,11 +381,9 @@ class LLMServer:
             self._pusher = asyncio.get_running_loop().create_task(self._push_loop())
 
     async def _push_loop(self) -> None:
-        """Publish stats every ``stats_push_period_s``; drop KV events nobody reads."""
+        """Publish stats every ``stats_push_period_s``."""
         while not self._closing:
             try:
-                if self._cache_reporter is None:
-                    self.engine.drain_kv_events()  # thread-safe, never waits
                 if self._hub is not None:
                     stats = self.stats()
                     await self._hub.push.remote(

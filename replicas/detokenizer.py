@@ -37,17 +37,11 @@ class Detokenizer:
         self._pieces: list[str] = []
         self._tail = ""
         self._emitted = 0
-        self._length = 0
 
     @property
     def text(self) -> str:
         """The whole text so far (joined on demand: O(length), so read it once, at the end)."""
         return "".join(self._pieces) + self._tail
-
-    @property
-    def length(self) -> int:
-        """Characters of text so far."""
-        return self._length
 
     def add_token(self, token_id: int) -> str | None:
         """Append one token's text; return the stop string it completed, if any."""
@@ -65,7 +59,6 @@ class Detokenizer:
                     hit, where = s, i
             if hit is not None:
                 window = window[: where + (len(hit) if self._include_stop else 0)]
-        self._length += len(window) - len(self._tail)
         keep = min(self._holdback, len(window)) if hit is None else 0
         if len(window) > keep:
             self._pieces.append(window[: len(window) - keep])

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kvmesh.replicas.config import EngineArgs
-from kvmesh.replicas.engine import LLMEngine, Prompt
+from kvmesh.replicas.engine_args import EngineArgs
+from kvmesh.replicas.llm_engine import LLMEngine, Prompt
 from kvmesh.replicas.outputs import RequestOutput
 from kvmesh.replicas.sampling_params import SamplingParams
 
@@ -32,11 +32,12 @@ class LLM:
         ):
             prompts = [prompts]
         params = self._params_list(sampling_params, len(prompts))
-        # Validate everything first so a bad prompt leaves nothing half-submitted.
-        tokenized = [self.engine.tokenize(p) for p in prompts]
+        # Check everything first so a bad prompt leaves nothing half-submitted.
+        inputs = self.engine.input_processor
+        tokenized = [inputs.tokenize(p) for p in prompts]
         for (_, ids), sp in zip(tokenized, params, strict=True):
-            self.engine.validate(ids, sp)
-        return self._run([(text, ids) for text, ids in tokenized], params)
+            inputs.validate(ids, sp)
+        return self._run(tokenized, params)
 
     def chat(
         self,
@@ -46,9 +47,10 @@ class LLM:
         """Apply the model's chat template to one conversation (or a list of them)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         params = self._params_list(sampling_params, len(conversations))
-        tokenized = [(None, self.engine.apply_chat_template(c)) for c in conversations]
+        inputs = self.engine.input_processor
+        tokenized = [(None, inputs.encode_chat(c)[1]) for c in conversations]
         for (_, ids), sp in zip(tokenized, params, strict=True):
-            self.engine.validate(ids, sp)
+            inputs.validate(ids, sp)
         return self._run(tokenized, params)
 
     def stats(self) -> dict[str, Any]:

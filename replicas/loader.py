@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kvmesh.replicas.config import ModelArchConfig
+from kvmesh.replicas.model_arch import ModelArchConfig
 from kvmesh.replicas.models import model_class
 from kvmesh.replicas.models.llama import LlamaForCausalLM
 from kvmesh.replicas.tp.layers import TPShard

@@ -1,4 +1,11 @@
-"""Packs a scheduled step into tensors, runs the model, and owns the paged KV tensors."""
+"""Packs a scheduled step into tensors, runs the model, samples, and owns the paged KV tensors.
+
+The runner sees a step only as ``SchedulerOutput`` (plain data: token ids, positions, block
+tables, and the requests it meets for the first time) and answers a ``RunnerOutput`` (each
+sampling row's token). What sampling keeps per request (parameters, random stream, token
+history, penalty statistics) is the runner's own ``SamplingRow``, dropped when the scheduler
+says the request ended.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,9 @@ import torch
 
 from kvmesh.kernels import AttentionMetadata, KVCacheLayer
 from kvmesh.replicas import capacity
-from kvmesh.replicas.config import ModelArchConfig
-from kvmesh.replicas.request import Request
+from kvmesh.replicas.model_arch import ModelArchConfig
+from kvmesh.replicas.sampler import SamplingRow, sample
+from kvmesh.replicas.step_types import RunnerOutput, ScheduledChunk, SchedulerOutput
 
 KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
@@ -71,18 +79,17 @@ def allocate_kv_cache(
 
 @dataclass
 class StepInputs:
+    """A step as the model takes it: packed token ids, positions and attention metadata
+    (slot mapping, block tables, lengths), and which rows' logits to compute."""
+
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
     logits_indices: torch.Tensor
-    sampling_requests: list[Request]
 
 
 def prepare_inputs(
-    scheduled: list[tuple[Request, int]],
-    block_ids: list[list[int]],
-    block_size: int,
-    device: torch.device,
+    chunks: list[ScheduledChunk], block_size: int, device: torch.device
 ) -> StepInputs:
     """Flatten the step's chunks into one packed batch (no padding between sequences)."""
     input_ids: list[int] = []
@@ -91,10 +98,10 @@ def prepare_inputs(
     qlens: list[int] = []
     slens: list[int] = []
     logits_indices: list[int] = []
-    sampling: list[Request] = []
-    for (req, n), ids in zip(scheduled, block_ids, strict=True):
-        start, end = req.num_computed_tokens, req.num_computed_tokens + n
-        input_ids.extend(req.token_ids[start:end])
+    for chunk in chunks:
+        n, ids = chunk.num_tokens, chunk.block_ids
+        start, end = chunk.start, chunk.start + n
+        input_ids.extend(chunk.token_ids)
         if n == 1:
             positions.append(start)
             slots.append(ids[start // block_size] * block_size + start % block_size)
@@ -106,12 +113,11 @@ def prepare_inputs(
             )
         qlens.append(n)
         slens.append(end)
-        if end == req.num_tokens:  # this chunk reaches the last token: sample the next one
+        if chunk.sample:  # this chunk reaches the last token: sample the next one
             logits_indices.append(len(input_ids) - 1)
-            sampling.append(req)
-    table = np.zeros((len(block_ids), max(len(b) for b in block_ids)), dtype=np.int32)
-    for i, ids in enumerate(block_ids):
-        table[i, : len(ids)] = ids
+    table = np.zeros((len(chunks), max(len(c.block_ids) for c in chunks)), dtype=np.int32)
+    for i, chunk in enumerate(chunks):
+        table[i, : len(chunk.block_ids)] = chunk.block_ids
     qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
     np.cumsum(qlens, out=qsl[1:])
     meta = AttentionMetadata(
@@ -129,20 +135,51 @@ def prepare_inputs(
         positions=torch.tensor(positions, dtype=torch.long, device=device),
         meta=meta,
         logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=device),
-        sampling_requests=sampling,
     )
 
 
 class ModelRunner:
-    """Runs one packed forward pass and returns the logits of the rows that sample."""
+    """Runs one packed forward pass and samples the rows that end at their last token."""
 
-    def __init__(self, model: torch.nn.Module, kv_caches: list[KVCacheLayer], device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[KVCacheLayer],
+        device,
+        block_size: int = 16,
+        eos_token_ids: list[int] | tuple[int, ...] = (),
+    ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.device = device
+        self.block_size = block_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.rows: dict[str, SamplingRow] = {}
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run the step's forward pass and sample; raises only for faults of the model
+        forward itself (the replica's), never for one row's sampling (that row's result)."""
+        for request_id in sched.finished_request_ids:
+            self.rows.pop(request_id, None)
+        for new in sched.new_requests:
+            generator = None
+            if new.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(new.seed)
+            self.rows[new.request_id] = SamplingRow(
+                new.request_id, new.prompt_token_ids, new.params, generator
+            )
+        logits = self.forward(prepare_inputs(sched.chunks, self.block_size, self.device))
+        rows = [self.rows[c.request_id] for c in sched.chunks if c.sample]
+        if not rows:
+            return RunnerOutput()
+        results = sample(logits, rows, self.eos_token_ids)
+        for row, result in zip(rows, results, strict=True):
+            if not isinstance(result, Exception):
+                row.token_ids.append(result[0])
+        return RunnerOutput({row.request_id: r for row, r in zip(rows, results, strict=True)})
 
     @torch.inference_mode()
-    def execute(self, inputs: StepInputs) -> torch.Tensor:
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         if inputs.logits_indices.numel() == 0:
             return hidden.new_empty((0, 0), dtype=torch.float32)

@@ -35,9 +35,13 @@ the rows that fault on their own fail.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
-from kvmesh.replicas.request import Request
+from kvmesh.replicas.request import TokenSequence
+from kvmesh.replicas.sampling_params import SamplingParams
 
 LOGPROB_FLOOR = -9999.0
 """The logprob reported for tokens of probability zero (finite, unlike ``-inf``)."""
@@ -45,6 +49,21 @@ _MAX_LOGIT = torch.finfo(torch.float32).max / 4
 """Clamp bound for transformed logits: finite, and a difference of two stays finite."""
 
 RowResult = tuple[int, dict[int, float] | None] | Exception
+
+
+@dataclass
+class SamplingRow(TokenSequence):
+    """What sampling keeps of one request across its steps: its parameters, its own random
+    stream, its tokens so far (penalties and ``min_tokens`` read them) and the penalty
+    statistics. The model runner holds one per running request, keyed by request id; the
+    runner appends each token it samples, so nothing outside it feeds the history."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    token_ids: list[int] = field(default_factory=list)
+    sampler_state: Any = None
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
@@ -64,7 +83,7 @@ class PenaltyState:
     decode step); device tensors grow by doubling, so extending is amortised O(1).
     """
 
-    def __init__(self, req: Request, device: torch.device) -> None:
+    def __init__(self, req: SamplingRow, device: torch.device) -> None:
         self.device = device
         self.num_prompt_tokens = req.num_prompt_tokens
         self.num_tokens = 0
@@ -115,7 +134,7 @@ class PenaltyState:
         self.num_tokens = len(token_ids)
 
 
-def penalty_state(req: Request, vocab: int, device: torch.device) -> PenaltyState:
+def penalty_state(req: SamplingRow, vocab: int, device: torch.device) -> PenaltyState:
     """``req``'s penalty statistics, brought up to date with its tokens."""
     state = req.sampler_state
     if (
@@ -130,7 +149,7 @@ def penalty_state(req: Request, vocab: int, device: torch.device) -> PenaltyStat
     return state
 
 
-def _apply_penalties(x: torch.Tensor, rows: list[int], reqs: list[Request]) -> None:
+def _apply_penalties(x: torch.Tensor, rows: list[int], reqs: list[SamplingRow]) -> None:
     """Repetition, frequency and presence penalties on ``x[rows]``, in place, touching only
     the tokens each row has seen (the others are unchanged by every penalty)."""
     vocab, device = x.shape[-1], x.device
@@ -165,7 +184,7 @@ def _apply_penalties(x: torch.Tensor, rows: list[int], reqs: list[Request]) -> N
 
 
 # ---- temperature and the masks ---------------------------------------------------------------
-def _filter(x: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+def _filter(x: torch.Tensor, reqs: list[SamplingRow]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p masks for random rows ``x`` (masked logits
     become -inf). Each mask keeps the most likely token, so a row with any finite logit keeps
     one. Every reduction spans a whole row, so a row's result never depends on its companions.
@@ -219,7 +238,7 @@ def _filter(x: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     return x
 
 
-def _draw(x: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+def _draw(x: torch.Tensor, reqs: list[SamplingRow]) -> torch.Tensor:
     """Sample one token per row of ``x`` (masked logits) by inverting its CDF at a uniform
     drawn from the row's own generator: one number per row and step (a tiny op, no host
     sync), then a batched softmax, cumsum and search. Both the softmax and the cumsum run
@@ -262,7 +281,7 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, ns: list[int]) -> list[di
 
 # ---- the batch ---------------------------------------------------------------------------------
 def _sample_batch(
-    logits: torch.Tensor, reqs: list[Request], eos_token_ids: list[int]
+    logits: torch.Tensor, reqs: list[SamplingRow], eos_token_ids: list[int]
 ) -> list[RowResult]:
     """Every row of ``logits [B, V]`` in one pass: a fixed number of batched ops whatever the
     mix of parameters, one host transfer for the tokens (and one for logprobs, if asked)."""
@@ -318,7 +337,7 @@ def _sample_batch(
     return results
 
 
-def sample_row(row: torch.Tensor, req: Request, eos_token_ids: list[int]) -> RowResult:
+def sample_row(row: torch.Tensor, req: SamplingRow, eos_token_ids: list[int]) -> RowResult:
     """One request's next token and its logprobs (``None`` unless asked for); the batched
     path with a batch of one, so it gives exactly what that row gets in any batch."""
     try:
@@ -327,7 +346,9 @@ def sample_row(row: torch.Tensor, req: Request, eos_token_ids: list[int]) -> Row
         return exc
 
 
-def sample(logits: torch.Tensor, reqs: list[Request], eos_token_ids: list[int]) -> list[RowResult]:
+def sample(
+    logits: torch.Tensor, reqs: list[SamplingRow], eos_token_ids: list[int]
+) -> list[RowResult]:
     """Next token (and top-N logprobs where asked) for each row of ``logits [B, V]``.
 
     A row whose processing raises yields its exception instead of a token: one request's

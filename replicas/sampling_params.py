@@ -3,9 +3,64 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 SAMPLING_EPS = 1e-5
 """Temperatures below this are greedy: dividing logits by them overflows float32."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An accepted range: ``ge``/``gt`` below, ``le``/``lt`` above (None: open)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def contains(self, value: float) -> bool:
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def describe(self) -> str:
+        def num(v: float) -> str:
+            return "2^63" if v == 2**63 else f"{v:g}"
+
+        low = self.ge if self.ge is not None else self.gt
+        high = self.le if self.le is not None else self.lt
+        if high is None:
+            return f"at least {num(low)}" if self.ge is not None else f"above {num(low)}"
+        left = "[" if self.ge is not None else "("
+        right = "]" if self.le is not None else ")"
+        return f"in {left}{num(low)}, {num(high)}{right}"  # type: ignore[arg-type]
+
+    def field(self) -> dict[str, Any]:
+        """As pydantic ``Field`` keyword arguments (the HTTP API's request schema)."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+SAMPLING_BOUNDS: dict[str, Bound] = {
+    "max_tokens": Bound(ge=1),
+    "temperature": Bound(ge=0.0, le=100.0),
+    "top_p": Bound(gt=0.0, le=1.0),
+    "top_k": Bound(ge=-1),  # and not 0: -1 disables it
+    "min_p": Bound(ge=0.0, le=1.0),
+    "presence_penalty": Bound(ge=-2.0, le=2.0),
+    "frequency_penalty": Bound(ge=-2.0, le=2.0),
+    "repetition_penalty": Bound(gt=0.0, le=2.0),
+    "seed": Bound(ge=0, lt=2**63),
+    "logprobs": Bound(ge=0, le=20),
+    "min_tokens": Bound(ge=0),
+}
+"""Every numeric sampling parameter's accepted range: ``SamplingParams`` checks these, and
+the HTTP API's request schema is built from them (``API_BOUNDS``)."""
+
+API_BOUNDS: dict[str, Bound] = {**SAMPLING_BOUNDS, "temperature": Bound(ge=0.0, le=2.0)}
+"""The same ranges, with the one the OpenAI API narrows: temperatures up to 2 over HTTP."""
 
 
 @dataclass
@@ -36,28 +91,12 @@ class SamplingParams:
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or at least 1, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        for name, bound in SAMPLING_BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not bound.contains(value):
+                raise ValueError(f"{name} must be {bound.describe()}, got {value}")
+        if self.top_k == 0:
+            raise ValueError("top_k must be -1 (disabled) or at least 1, got 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"

@@ -1,33 +1,38 @@
-"""Continuous batching: which requests run in the next step, and how many tokens each.
+"""Continuous batching, and the one owner of a request's life from admission to finish.
 
-Every step spends a token budget. Running requests go first (their decodes, or the next chunk
-of a long prompt), in admission order; waiting requests are then admitted first-come,
+``schedule`` decides which requests run in the next step, and how many tokens each. Every
+step spends a token budget. Running requests go first (their decodes, or the next chunk of a
+long prompt), in admission order; waiting requests are then admitted first-come,
 first-served while the budget, ``max_num_seqs`` and the KV pool allow. When the pool runs dry,
 the most recently admitted request is preempted by recompute: its blocks are freed and it goes
 back to the front of the queue with its output so far, to be re-prefilled (often from the
 prefix cache) and continue where it stopped.
+
+``update_from_output`` takes the runner's result for that step and does everything the step
+means for each request: advances its computed tokens, registers the blocks it filled,
+appends its sampled token, decides end-of-sequence, stop-token and length stops, frees
+finished requests' blocks and sliding-window blocks no future token sees. A fault in one
+request's part of that fails that request alone. Stop strings are text, so the output
+processor finds them; it hands those requests back through ``finish_requests``.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 
 from kvmesh.replicas.kv.manager import KVCacheManager
 from kvmesh.replicas.request import Request, RequestStatus
+from kvmesh.replicas.step_types import (
+    NewRequest,
+    RequestUpdate,
+    RunnerOutput,
+    ScheduledChunk,
+    SchedulerOutput,
+)
 
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
-
-    def __bool__(self) -> bool:
-        return bool(self.scheduled)
+FaultInjector = Callable[[str, object], None]
+"""Test-only: ``injector(phase, request)`` may raise, to fail that request in that phase."""
 
 
 MAX_DEFERRED = 64
@@ -42,14 +47,23 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int | None,
         enable_chunked_prefill: bool = True,
+        *,
+        eos_token_ids: Iterable[int] = (),
+        max_model_len: int | None = None,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
         self.chunked = enable_chunked_prefill
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}  # waiting and running
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_generated_tokens = 0
+        self.fault_injector: FaultInjector | None = None
+        self._finished_ids: list[str] = []  # since the last step, for the runner
         # Prompt tokens admitted but not computed yet, kept as requests move (never a walk
         # over every request): running requests count what is left of their prompt, waiting
         # ones their prompt minus the prefix-cache estimate, looked up once per wait, lazily.
@@ -73,14 +87,13 @@ class Scheduler:
         """Prompt tokens admitted but not computed yet (see ``LLMEngine.pending_prefill_tokens``);
         O(requests that arrived or were preempted since the last call)."""
         if self._unestimated:
-            block_size = self.kv.block_size
             for req in self._unestimated.values():
-                req.cached_estimate = len(self.kv.find_cached_prefix(req)) * block_size
+                req.cached_estimate = self.kv.find_cached_prefix(req).num_tokens
                 self._waiting_pending += max(req.num_prompt_tokens - req.cached_estimate, 0)
             self._unestimated.clear()
         return self._running_pending + self._waiting_pending
 
-    def advance(self, req: Request, num_tokens: int) -> None:
+    def _advance(self, req: Request, num_tokens: int) -> None:
         """``req`` computed ``num_tokens`` more tokens (its scheduled share of a step)."""
         before = self._left_to_compute(req)
         req.num_computed_tokens += num_tokens
@@ -88,7 +101,10 @@ class Scheduler:
             self._running_pending += self._left_to_compute(req) - before
 
     def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
         req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
         self.waiting.append(req)
         self._enter_waiting(req)
 
@@ -96,7 +112,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        """The next step: which requests compute how many tokens (see the module docstring)."""
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
         budget = self.token_budget if self.token_budget is not None else 1 << 62
 
         # 1. Running requests: decodes and continuing prefill chunks.
@@ -108,40 +126,43 @@ class Scheduler:
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
-                out.preempted.append(victim)
+                preempted.append(victim)
                 if victim is req:
                     break
             else:
-                out.scheduled.append((req, num_new))
+                scheduled.append((req, num_new))
                 budget -= num_new
                 i += 1
                 continue
             break  # req itself was preempted: nothing after it can fit either
 
         # 2. Admit waiting requests, first come first served (none if we just preempted).
-        if out.preempted:
-            return out
+        if not preempted:
+            self._admit(scheduled, budget)
+        return self._output(scheduled, preempted)
+
+    def _admit(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
         pending = self._blocks_in_flight()
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            hits = self.kv.find_cached_prefix(req)
+            prefix = self.kv.find_cached_prefix(req)
             if (
                 pending
                 and len(deferred) < MAX_DEFERRED
-                and self._next_block_pending(req, len(hits), pending)
+                and self._next_block_pending(req, prefix.num_blocks, pending)
             ):
                 # Its next block is being computed right now for another request: wait one
                 # step and hit it in the cache instead of computing it twice.
                 deferred.append(self.waiting.popleft())
                 continue
-            num_hit = len(hits) * self.kv.block_size
+            num_hit = prefix.num_tokens
             num_new = req.num_tokens - num_hit
             if num_new > budget:
                 if not self.chunked:
                     break
                 num_new = budget
-            if not self.kv.allocate_slots(req, num_new, hits):
+            if not self.kv.allocate_slots(req, num_new, prefix):
                 break
             self.waiting.popleft()
             self._leave_waiting(req)
@@ -152,16 +173,41 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self._running_pending += self._left_to_compute(req)
-            out.scheduled.append((req, num_new))
+            scheduled.append((req, num_new))
             budget -= num_new
             if pending is not None:
                 pending.update(self._uncomputed_prompt_blocks(req))
         # Deferred requests keep their place at the head of the queue.
         self.waiting.extendleft(reversed(deferred))
+
+    def _output(
+        self, scheduled: list[tuple[Request, int]], preempted: list[Request]
+    ) -> SchedulerOutput:
+        """The step as plain data for the runner (which is only called for a step that
+        computes something: the finished ids wait for one)."""
+        out = SchedulerOutput(preempted_request_ids=[r.request_id for r in preempted])
+        if scheduled:
+            out.finished_request_ids, self._finished_ids = self._finished_ids, []
+        for req, n in scheduled:
+            start = req.num_computed_tokens
+            if not req.announced:
+                req.announced = True
+                out.new_requests.append(
+                    NewRequest(req.request_id, req.prompt_token_ids, req.params, req.seed)
+                )
+            out.chunks.append(
+                ScheduledChunk(
+                    request_id=req.request_id,
+                    token_ids=req.token_ids[start : start + n],
+                    start=start,
+                    block_ids=self.kv.block_ids(req),
+                    sample=start + n == req.num_tokens,
+                )
+            )
         return out
 
     def _uncomputed_prompt_blocks(self, req: Request) -> list[bytes]:
-        hashes = req.full_block_hashes(self.kv.block_size, self.kv.extra_keys)
+        hashes = req.full_block_hashes(self.kv.hasher)
         return hashes[req.num_computed_tokens // self.kv.block_size :]
 
     def _blocks_in_flight(self) -> set[bytes] | None:
@@ -175,7 +221,7 @@ class Scheduler:
         return pending
 
     def _next_block_pending(self, req: Request, num_hits: int, pending: set[bytes]) -> bool:
-        hashes = req.full_block_hashes(self.kv.block_size, self.kv.extra_keys)
+        hashes = req.full_block_hashes(self.kv.hasher)
         usable = (req.num_tokens - 1) // self.kv.block_size
         return num_hits < usable and hashes[num_hits] in pending
 
@@ -189,8 +235,113 @@ class Scheduler:
         self.waiting.appendleft(req)
         self._enter_waiting(req)
 
-    def finish(self, req: Request) -> None:
-        """Retire ``req`` (finished or aborted) wherever it is, and free its blocks."""
+    # ---- the update: one step's result, applied to every request it touched --------------
+    def update_from_output(
+        self, sched: SchedulerOutput, result: RunnerOutput
+    ) -> list[RequestUpdate]:
+        """Apply one step's result; return an update for each request that sampled or ended.
+
+        Per request, in this order: its computed tokens advance and the blocks it filled are
+        registered; its sampled token is appended and the stop rules applied (a finished
+        request's blocks go back to the pool); blocks that slid out of its window are freed.
+        A fault in any of that is this request's alone: it ends with ``finish_reason``
+        "error", its blocks freed, and the batch carries on.
+        """
+        updates: list[RequestUpdate] = []
+        touched: list[Request] = []
+        for chunk in sched.chunks:
+            req = self.requests.get(chunk.request_id)
+            if req is None:  # ended since it was scheduled
+                continue
+            touched.append(req)
+            self._advance(req, chunk.num_tokens)
+            try:
+                self._inject("cache_blocks", req)
+                self.kv.cache_full_blocks(req)
+            except Exception as exc:
+                updates.append(self._fail(req, "cache_blocks", exc))
+        for request_id, token_result in result.sampled.items():
+            req = self.requests.get(request_id)
+            if req is None:  # failed above
+                continue
+            try:
+                self._inject("sample", req)
+                if isinstance(token_result, Exception):
+                    raise token_result
+                updates.append(self._append_token(req, *token_result))
+            except Exception as exc:
+                updates.append(self._fail(req, "sample", exc))
+        for req in touched:
+            if not req.finished:
+                try:
+                    self.kv.free_outside_window(req)
+                except Exception as exc:
+                    updates.append(self._fail(req, "free_window", exc))
+        return updates
+
+    def _append_token(
+        self, req: Request, token: int, logprobs: dict[int, float] | None
+    ) -> RequestUpdate:
+        req.token_ids.append(token)
+        self.num_generated_tokens += 1
+        p = req.params
+        if (
+            not p.ignore_eos
+            and token in self.eos_token_ids
+            and req.num_output_tokens > p.min_tokens - 1
+        ):
+            req.finish_reason = "stop"
+        elif p.stop_token_ids and token in p.stop_token_ids:
+            req.finish_reason, req.stop_reason = "stop", token
+        elif req.num_output_tokens >= req.max_tokens or (
+            self.max_model_len is not None and req.num_tokens >= self.max_model_len
+        ):
+            req.finish_reason = "length"
+        update = RequestUpdate(
+            request_id=req.request_id,
+            new_token_ids=[token],
+            new_logprobs=logprobs,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+        )
+        if req.finish_reason is not None:
+            self._retire(req)
+        return update
+
+    def _fail(self, req: Request, phase: str, exc: BaseException) -> RequestUpdate:
+        req.finish_reason = "error"
+        if not req.finished:
+            self._retire(req)
+        return RequestUpdate(
+            request_id=req.request_id,
+            finish_reason="error",
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            error=exc,
+            phase=phase,
+        )
+
+    def _inject(self, phase: str, req: Request) -> None:
+        if self.fault_injector is not None:
+            self.fault_injector(phase, req)
+
+    def finish_requests(
+        self, request_ids: Iterable[str], reason: str, stop_reason: str | int | None = None
+    ) -> list[str]:
+        """End these requests (aborted, stopped by a stop string, failed after the update)
+        wherever they are, and free their blocks; returns the ids that were still live."""
+        ended = []
+        for request_id in request_ids:
+            req = self.requests.get(request_id)
+            if req is None:
+                continue
+            req.finish_reason, req.stop_reason = reason, stop_reason
+            self._retire(req)
+            ended.append(request_id)
+        return ended
+
+    def _retire(self, req: Request) -> None:
+        """Take ``req`` out wherever it is, free its blocks, tell the runner next step."""
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
             self._running_pending -= self._left_to_compute(req)
@@ -198,4 +349,7 @@ class Scheduler:
             self.waiting.remove(req)
             self._leave_waiting(req)
         req.status = RequestStatus.FINISHED
+        self.requests.pop(req.request_id, None)
+        if req.announced:
+            self._finished_ids.append(req.request_id)
         self.kv.free(req)

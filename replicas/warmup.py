@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +24,7 @@ import torch
 from kvmesh.replicas.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from kvmesh.replicas.engine import LLMEngine
+    from kvmesh.replicas.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +32,10 @@ WARMUP_PROMPT_TOKENS = 64
 WARMUP_DECODE_TOKENS = 8
 _MAX_STEPS = 10_000
 _COUNTERS = {
-    "engine": (
-        "num_steps",
-        "num_generated_tokens",
-        "num_prompt_tokens",
-        "num_failed_requests",
-        "last_step_prefill_tokens",
-        "last_step_decodes",
-    ),
+    "engine": ("num_steps", "num_prompt_tokens", "last_step_prefill_tokens", "last_step_decodes"),
     "kv": ("prefix_cache_queries", "prefix_cache_hits"),
-    "scheduler": ("num_preemptions",),
+    "scheduler": ("num_preemptions", "num_generated_tokens"),
+    "outputs": ("num_failed_requests",),
 }
 
 
@@ -114,8 +107,8 @@ def _run_requests(engine: LLMEngine, prompt_tokens: int, decode_tokens: int) -> 
         return
     vocab = engine.arch.vocab_size
     saved = _save(engine)
-    kv, pool = engine.kv, engine.kv.pool
-    num_events = len(pool._events)
+    kv = engine.kv
+    recording = kv.record_events(False)  # the warm-up's blocks are no consumer's business
     ids = []
     try:
         for i, (n, m) in enumerate([(prompt, decode), (max(1, prompt // 2), max(1, decode // 2))]):
@@ -135,22 +128,22 @@ def _run_requests(engine: LLMEngine, prompt_tokens: int, decode_tokens: int) -> 
         for request_id in ids:  # only if a step raised or the step cap was hit
             if request_id in engine.requests:
                 engine.abort_request(request_id)
+        kv.record_events(recording)
     if kv.num_blocks_free != kv.num_blocks_total:
         raise RuntimeError("the warm-up requests left KV blocks allocated")
-    # Forget what the warm-up put in the prefix cache, and the KV events that told the router.
-    for block in pool.blocks:
-        block.block_hash = None
-    pool._by_hash.clear()
-    while len(pool._events) > num_events:
-        pool._events.pop()
-    # The free list back in its first order, as a new engine has it.
-    pool._free = OrderedDict((i, None) for i in range(1, len(pool.blocks)))
-    pool.check_invariants()
+    # Forget what the warm-up put in the prefix cache; the free list back in a new pool's
+    # order.
+    kv.reset_prefix_cache()
     _restore(engine, saved)
 
 
 def _save(engine: LLMEngine) -> dict:
-    owners = {"engine": engine, "kv": engine.kv, "scheduler": engine.scheduler}
+    owners = {
+        "engine": engine,
+        "kv": engine.kv,
+        "scheduler": engine.scheduler,
+        "outputs": engine.output_processor,
+    }
     counters = {
         (key, name): getattr(owners[key], name)
         for key, names in _COUNTERS.items()

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from kvmesh.replicas.sampling_params import SamplingParams
-from kvmesh.replicas.wire import ReplicaChunk, ReplicaRequest
+from kvmesh.replicas.serve_messages import ReplicaChunk, ReplicaRequest
 from kvmesh.router import autoscaler_reports, limits
 from kvmesh.router import openai_format as fmt
 from kvmesh.router.auth import APIKeyAuth, keys_from_env, keys_from_file
@@ -49,7 +49,7 @@ HUB_TIMEOUT_S = 5.0
 
 
 class IngressConfig(BaseModel):
-    """What the ingress needs to know; ``cluster/config.py`` derives it from the app config."""
+    """What the ingress needs to know; ``cluster/app_config.py`` derives it from the app config."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 

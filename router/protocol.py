@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kvmesh.replicas.sampling_params import SamplingParams
+from kvmesh.replicas.sampling_params import API_BOUNDS, SamplingParams
 
 # Fixed caps on one request's shape (the configurable ones, bytes, prompts and prompt tokens
 # per request, are in ``router.limits``). Each keeps one request from costing the server
@@ -20,7 +20,6 @@ from kvmesh.replicas.sampling_params import SamplingParams
 # message parts and names are copied through the chat template.
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
-MAX_LOGPROBS = 20
 MAX_MESSAGES = 4096
 MAX_CONTENT_PARTS = 256
 MAX_NAME_CHARS = 256
@@ -45,22 +44,25 @@ class _SamplingRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Ranges: the engine's own (``SamplingParams``), from one table.
+    max_tokens: int | None = Field(default=None, **API_BOUNDS["max_tokens"].field())
+    temperature: float | None = Field(default=None, **API_BOUNDS["temperature"].field())
+    top_p: float | None = Field(default=None, **API_BOUNDS["top_p"].field())
+    top_k: int | None = Field(default=None, **API_BOUNDS["top_k"].field())
+    min_p: float | None = Field(default=None, **API_BOUNDS["min_p"].field())
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: int | None = Field(default=None, **API_BOUNDS["seed"].field())
     n: int = Field(default=1, ge=1)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, **API_BOUNDS["presence_penalty"].field())
+    frequency_penalty: float | None = Field(default=None, **API_BOUNDS["frequency_penalty"].field())
+    repetition_penalty: float | None = Field(
+        default=None, **API_BOUNDS["repetition_penalty"].field()
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: ShortName | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, **API_BOUNDS["min_tokens"].field())
 
     @model_validator(mode="after")
     def _check_common(self):
@@ -111,7 +113,7 @@ Prompt = (
 
 class CompletionRequest(_SamplingRequest):
     prompt: Prompt
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(default=None, **API_BOUNDS["logprobs"].field())
 
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts: one per choice (a string or token ids)."""
@@ -145,9 +147,9 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, **API_BOUNDS["max_tokens"].field())
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, **API_BOUNDS["logprobs"].field())
 
     @model_validator(mode="after")
     def _check_chat(self):

@@ -22,7 +22,7 @@ from ray.serve.exceptions import (
     ReplicaUnavailableError,
 )
 
-from kvmesh.replicas.wire import ReplicaChunk, ReplicaError, ReplicaRequest
+from kvmesh.replicas.serve_messages import ReplicaChunk, ReplicaError, ReplicaRequest
 from kvmesh.router.errors import APIError
 from kvmesh.router.routing import decision_log
 

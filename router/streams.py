@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from kvmesh.replicas.wire import ReplicaChunk
+from kvmesh.replicas.serve_messages import ReplicaChunk
 from kvmesh.router.response_cache import Generation
 
 

@@ -35,9 +35,11 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self._by_hash: dict[BlockHash, KVBlock] = {}
-        # A deque: the engine thread appends while a replica's stats path drains from another
-        # thread; deque append/popleft are atomic, so neither waits for the other.
-        self._events: deque[KVEvent] = deque()
+        # KV events, recorded only once a consumer asked for them (``record_events``): an
+        # engine nobody reads events from must not grow a queue without bound. A deque: the
+        # engine thread appends while a replica's stats path drains from another thread;
+        # deque append/popleft are atomic, so neither waits for the other.
+        self._events: deque[KVEvent] | None = None
 
     @property
     def num_usable(self) -> int:
@@ -60,7 +62,8 @@ class BlockPool:
             block = self.blocks[block_id]
             if block.block_hash is not None:
                 del self._by_hash[block.block_hash]
-                self._events.append(BlockRemoved(block.block_hash))
+                if self._events is not None:
+                    self._events.append(BlockRemoved(block.block_hash))
                 block.block_hash = None
             block.ref_count = 1
             out.append(block)
@@ -96,12 +99,36 @@ class BlockPool:
             return  # another request computed the same block first; keep theirs
         block.block_hash = block_hash
         self._by_hash[block_hash] = block
-        self._events.append(BlockStored(block_hash, parent, n))
+        if self._events is not None:
+            self._events.append(BlockStored(block_hash, parent, n))
+
+    def record_events(self, enabled: bool) -> bool:
+        """Start (keeping what is queued) or stop (dropping it) recording KV events; returns
+        whether they were being recorded."""
+        was = self._events is not None
+        if enabled and not was:
+            self._events = deque()
+        elif not enabled:
+            self._events = None
+        return was
 
     def drain_events(self) -> list[KVEvent]:
-        """Events since the last drain, oldest first (safe from any thread)."""
+        """Events since the last drain, oldest first (safe from any thread); [] when none are
+        recorded."""
         events = self._events
+        if events is None:
+            return []
         return [events.popleft() for _ in range(len(events))]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block and put the free list back in a new pool's order, with
+        no events (nothing a consumer saw changes). Every block must be free."""
+        if len(self._free) != self.num_usable:
+            raise RuntimeError("reset_prefix_cache needs every block free")
+        for block in self.blocks:
+            block.block_hash = None
+        self._by_hash.clear()
+        self._free = OrderedDict((i, None) for i in range(1, len(self.blocks)))
 
     def cached_hashes(self) -> set[BlockHash]:
         return set(self._by_hash)

@@ -1,10 +1,35 @@
-"""Per-request block tables over the block pool, with automatic prefix caching."""
+"""Per-request block tables over the block pool, with automatic prefix caching.
+
+The scheduler sees blocks only through this manager: a prefix hit is an opaque
+``CachedPrefix`` (how many tokens it covers), a request's blocks are a list of ids; the pool's
+reference counts, hash map and free list stay inside.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from kvmesh.replicas.block_hash import BlockHasher
 from kvmesh.replicas.kv.block_pool import NULL_BLOCK_ID, BlockPool, KVBlock
 from kvmesh.replicas.kv.events import KVEvent
 from kvmesh.replicas.request import Request
+
+
+@dataclass(frozen=True)
+class CachedPrefix:
+    """A request's longest run of leading full blocks already in the cache (a lookup's
+    answer; pass it back to ``allocate_slots`` to share them)."""
+
+    blocks: tuple[KVBlock, ...]
+    block_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.blocks) * self.block_size
 
 
 class KVCacheManager:
@@ -18,14 +43,13 @@ class KVCacheManager:
     def __init__(
         self,
         num_blocks: int,
-        block_size: int,
+        hasher: BlockHasher,
         enable_prefix_caching: bool = True,
-        extra_keys: tuple = (),
         sliding_window: int | None = None,
     ) -> None:
-        self.block_size = block_size
+        self.hasher = hasher
+        self.block_size = hasher.block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.extra_keys = extra_keys
         self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
@@ -55,23 +79,22 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache -------------------------------------------------------------------
-    def find_cached_prefix(self, req: Request) -> list[KVBlock]:
+    def find_cached_prefix(self, req: Request) -> CachedPrefix:
         """Longest run of the request's full blocks already in the cache.
 
         At least one token is always left to compute, since the step that computes the last
         token is the one that produces the next token's logits.
         """
-        if not self.enable_prefix_caching:
-            return []
-        hashes = req.full_block_hashes(self.block_size, self.extra_keys)
-        limit = (req.num_tokens - 1) // self.block_size
-        hits = []
-        for block_hash in hashes[:limit]:
-            block = self.pool.get_cached(block_hash)
-            if block is None:
-                break
-            hits.append(block)
-        return hits
+        hits: list[KVBlock] = []
+        if self.enable_prefix_caching:
+            hashes = req.full_block_hashes(self.hasher)
+            limit = (req.num_tokens - 1) // self.block_size
+            for block_hash in hashes[:limit]:
+                block = self.pool.get_cached(block_hash)
+                if block is None:
+                    break
+                hits.append(block)
+        return CachedPrefix(tuple(hits), self.block_size)
 
     def record_query(self, req: Request, num_hit_tokens: int) -> None:
         self.prefix_cache_queries += req.num_tokens
@@ -79,13 +102,13 @@ class KVCacheManager:
 
     # ---- allocation ---------------------------------------------------------------------
     def allocate_slots(
-        self, req: Request, num_new_tokens: int, cached: list[KVBlock] | None = None
+        self, req: Request, num_new_tokens: int, prefix: CachedPrefix | None = None
     ) -> bool:
         """Make room for ``num_new_tokens`` more tokens of ``req``; False if blocks run out.
 
-        ``cached`` (at admission only) are prefix hits to share; they sit before the new tokens.
+        ``prefix`` (at admission only): prefix hits to share; they sit before the new tokens.
         """
-        cached = cached or []
+        cached = list(prefix.blocks) if prefix is not None else []
         blocks = self.req_blocks.get(req.request_id, [])
         computed = req.num_computed_tokens + len(cached) * self.block_size
         need = self.blocks_needed(computed + num_new_tokens) - len(blocks) - len(cached)
@@ -108,7 +131,7 @@ class KVCacheManager:
         done = self._num_registered.get(req.request_id, 0)
         if num_full <= done:
             return
-        hashes = req.full_block_hashes(self.block_size, self.extra_keys)
+        hashes = req.full_block_hashes(self.hasher)
         blocks = self.req_blocks[req.request_id]
         for i in range(done, num_full):
             if blocks[i].block_id == NULL_BLOCK_ID:
@@ -146,9 +169,30 @@ class KVCacheManager:
     def block_ids(self, req: Request) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(req.request_id, [])]
 
+    def check_invariants(self) -> None:
+        """Raise if the books do not balance: the pool's own, and every block's reference
+        count equal to the block tables holding it (used by property-based tests)."""
+        self.pool.check_invariants()
+        holders: dict[int, int] = {}
+        for blocks in self.req_blocks.values():
+            for b in blocks:
+                if b.block_id != NULL_BLOCK_ID:
+                    holders[b.block_id] = holders.get(b.block_id, 0) + 1
+        for block in self.pool.blocks:
+            if block.ref_count != holders.get(block.block_id, 0):
+                raise AssertionError(f"block {block.block_id}: {block} vs {holders}")
+
     # ---- what the router needs ----------------------------------------------------------
+    def record_events(self, enabled: bool) -> bool:
+        """Record KV events (only while something drains them); returns the previous state."""
+        return self.pool.record_events(enabled)
+
     def drain_events(self) -> list[KVEvent]:
         return self.pool.drain_events()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (all must be free), without events."""
+        self.pool.reset_prefix_cache()
 
     def cached_block_hashes(self) -> set[bytes]:
         return self.pool.cached_hashes()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvmesh.replicas.config import SUPPORTED_ARCHITECTURES, ModelArchConfig
+from kvmesh.replicas.model_arch import SUPPORTED_ARCHITECTURES, ModelArchConfig
 from kvmesh.replicas.models.llama import LlamaForCausalLM
 
 _REGISTRY = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}

@@ -18,7 +18,7 @@ from torch import nn
 
 from kvmesh import kernels
 from kvmesh.kernels import AttentionMetadata, KVCacheLayer
-from kvmesh.replicas.config import ModelArchConfig
+from kvmesh.replicas.model_arch import ModelArchConfig
 from kvmesh.replicas.models.rope import build_cos_sin_cache
 from kvmesh.replicas.tp.layers import TPShard, row_parallel_linear, vocab_embedding
 

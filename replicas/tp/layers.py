@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvmesh.replicas.config import ModelArchConfig
+from kvmesh.replicas.model_arch import ModelArchConfig
 
 if TYPE_CHECKING:
     from kvmesh.replicas.tp.comm import TPGroup

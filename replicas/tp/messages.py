@@ -60,7 +60,7 @@ def pack_step(inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unpack_step(header: torch.Tensor, payload: torch.Tensor, device: torch.device) -> StepInputs:
-    """The inverse of ``pack_step`` (``sampling_requests`` is empty: workers do not sample)."""
+    """The inverse of ``pack_step``."""
     _, t, b, m, n_logits, _ = header[:6].tolist()
     sizes = [t, t, t, b + 1, b, b * m, n_logits]
     cpu = payload.numpy()
@@ -83,7 +83,6 @@ def unpack_step(header: torch.Tensor, payload: torch.Tensor, device: torch.devic
         positions=pos.long(),
         meta=meta,
         logits_indices=logits.long(),
-        sampling_requests=[],
     )
 
 

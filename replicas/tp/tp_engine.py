@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from kvmesh.replicas.config import EngineArgs
-from kvmesh.replicas.engine import LLMEngine
+from kvmesh.replicas.engine_args import EngineArgs
+from kvmesh.replicas.llm_engine import LLMEngine
 from kvmesh.replicas.model_runner import ModelRunner, StepInputs, allocate_kv_cache
 from kvmesh.replicas.tp.comm import RENDEZVOUS_TIMEOUT_S, TPGroup, open_store
 from kvmesh.replicas.tp.layers import TPShard, check_tp_size
@@ -49,17 +49,17 @@ class TPRunner(ModelRunner):
         sender: StepSender,
         engine: TPEngine,
     ) -> None:
-        super().__init__(model, kv_caches, device)
+        super().__init__(model, kv_caches, device, engine.args.block_size, engine.eos_token_ids)
         self.sender = sender
         self._engine = weakref.ref(engine)  # no cycle: the engine's finalizer must be able to run
 
-    def execute(self, inputs: StepInputs) -> torch.Tensor:
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
         engine = self._engine()
         if engine is not None and engine.error is not None:
             raise engine.error
         try:
             self.sender.send(inputs)
-            return super().execute(inputs)
+            return super().forward(inputs)
         except Exception as exc:
             if engine is None:
                 raise
@@ -126,7 +126,7 @@ class TPEngine(LLMEngine):
         if n > 1:
             import ray
 
-            from kvmesh.replicas.tp.cluster import WorkerSet, release_workers
+            from kvmesh.replicas.tp.ray_workers import WorkerSet, release_workers
 
             self.workers = WorkerSet.start(spec, self.startup_timeout_s)
             actors = self.workers.actors

@@ -1,7 +1,7 @@
 """One rank's share of a replica (model shard + its KV heads), and the worker that runs it.
 
 ``load_shard`` is shared by rank 0 (in the engine's process) and the workers, so every rank
-builds its shard the same way. ``TPWorker`` is a plain class that ``cluster.py`` turns into a
+builds its shard the same way. ``TPWorker`` is a plain class that ``ray_workers.py`` turns into a
 Ray actor: after ``setup`` and ``allocate_kv`` it sits in ``run``, receiving each step's
 inputs from rank 0 and taking part in the forward pass, until rank 0 says stop.
 """
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from kvmesh.replicas.config import ModelArchConfig
 from kvmesh.replicas.loader import load_model
+from kvmesh.replicas.model_arch import ModelArchConfig
 from kvmesh.replicas.model_runner import ModelRunner, allocate_kv_cache
 from kvmesh.replicas.models.llama import LlamaForCausalLM
 from kvmesh.replicas.tp.comm import RENDEZVOUS_TIMEOUT_S, TPGroup, open_store
@@ -125,7 +125,7 @@ class TPWorker:
         receiver = StepReceiver(self.group, self.device)
         try:
             while (inputs := receiver.recv()) is not None:
-                self.runner.execute(inputs)
+                self.runner.forward(inputs)
         except BaseException:
             log.exception("tensor-parallel rank %d failed; exiting", self.rank)
             threading.Timer(EXIT_DELAY_S, os._exit, (1,)).start()  # after Ray sends the error

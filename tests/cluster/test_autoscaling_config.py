@@ -6,8 +6,8 @@ import pytest
 from ray.serve.config import AutoscalingConfig
 
 from kvmesh.cluster.app import model_deployment_options
+from kvmesh.cluster.app_config import AUTOSCALED_DRAIN_S, AppConfig
 from kvmesh.cluster.autoscaling import ServeAutoscalingPolicy
-from kvmesh.cluster.config import AUTOSCALED_DRAIN_S, AppConfig
 from kvmesh.cluster.serve_cmd import check_serve_config, serve_config
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from kvmesh.cluster import deploy
 from kvmesh.cluster.app import HEAD_NODE_RESOURCE, build_app, model_deployment_options
-from kvmesh.cluster.config import AppConfig
+from kvmesh.cluster.app_config import AppConfig
 from kvmesh.cluster.serve_cmd import serve_config
 
 

@@ -230,7 +230,7 @@ def serve_config_of(example: str) -> dict[str, Any]:
 
 
 def app_config_of(example: str):
-    from kvmesh.cluster.config import AppConfig
+    from kvmesh.cluster.app_config import AppConfig
 
     (app,) = serve_config_of(example)["applications"]
     return AppConfig.model_validate(app["args"])

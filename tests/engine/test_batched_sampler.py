@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from kvmesh import SamplingParams
-from kvmesh.replicas.request import Request
-from kvmesh.replicas.sampler import PenaltyState, penalty_state, sample, sample_row
+from kvmesh.replicas.sampler import PenaltyState, SamplingRow, penalty_state, sample, sample_row
 
 VOCAB = 512
 EOS = [2]
@@ -33,8 +32,8 @@ def _mixed_params(i: int) -> SamplingParams:
     return SamplingParams(max_tokens=64, **kinds[i % len(kinds)])
 
 
-def _request(i: int, params: SamplingParams, prompt: list[int]) -> Request:
-    req = Request(f"r{i}", list(prompt), params, max_tokens=64)
+def _request(i: int, params: SamplingParams, prompt: list[int]) -> SamplingRow:
+    req = SamplingRow(f"r{i}", list(prompt), params)
     if not params.greedy:
         req.generator = torch.Generator().manual_seed(params.seed or 0)
     return req
@@ -92,7 +91,7 @@ def test_seeded_row_is_independent_of_its_companions():
     assert run(0) == run(5) == run(17)
 
 
-def _reference_greedy(row: torch.Tensor, req: Request) -> int:
+def _reference_greedy(row: torch.Tensor, req: SamplingRow) -> int:
     """The greedy rule, written out densely on one row (as the per-row sampler did)."""
     p = req.params
     row = torch.nan_to_num(row.float(), nan=float("-inf"), posinf=3.4e38 / 4).clamp(max=3.4e38 / 4)
@@ -146,7 +145,7 @@ def test_greedy_rows_are_exactly_the_argmax(seed):
 def test_penalty_state_extended_step_by_step_equals_a_fresh_one():
     rnd = random.Random(1)
     prompt = [rnd.randrange(50) for _ in range(20)]
-    req = Request("x", prompt, SamplingParams(repetition_penalty=1.1), max_tokens=200)
+    req = SamplingRow("x", prompt, SamplingParams(repetition_penalty=1.1))
     for step in range(60):
         burst = 1 if step % 7 else 3  # several tokens at once too
         req.token_ids += [rnd.randrange(60) for _ in range(burst)]
@@ -179,7 +178,7 @@ def test_draws_follow_the_filtered_distribution():
     def draw(**kw) -> torch.Tensor:
         reqs = []
         for i in range(n):
-            req = Request(f"d{i}", [1], SamplingParams(seed=i, **kw), max_tokens=4)
+            req = SamplingRow(f"d{i}", [1], SamplingParams(seed=i, **kw))
             req.generator = torch.Generator().manual_seed(i)
             reqs.append(req)
         tokens = torch.tensor([t for t, _ in sample(logits, reqs, [])])

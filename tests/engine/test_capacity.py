@@ -11,8 +11,8 @@ import torch
 from kvmesh.cluster.cli import main
 from kvmesh.replicas import capacity
 from kvmesh.replicas.capacity import NAMED_SHAPES, ModelShape, plan
-from kvmesh.replicas.config import ModelArchConfig
-from kvmesh.replicas.engine import LLMEngine
+from kvmesh.replicas.llm_engine import LLMEngine
+from kvmesh.replicas.model_arch import ModelArchConfig
 from kvmesh.replicas.models.llama import LlamaForCausalLM
 from kvmesh.replicas.tp.layers import TPShard
 

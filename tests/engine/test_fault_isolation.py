@@ -22,9 +22,8 @@ from kvmesh.replicas.async_engine import (
     EngineOverloadedError,
     RequestFailedError,
 )
-from kvmesh.replicas.engine import LLMEngine
-from kvmesh.replicas.request import Request
-from kvmesh.replicas.sampler import LOGPROB_FLOOR, sample, sample_row
+from kvmesh.replicas.llm_engine import LLMEngine
+from kvmesh.replicas.sampler import LOGPROB_FLOOR, SamplingRow, sample, sample_row
 
 VOCAB = 320
 
@@ -76,9 +75,9 @@ def logit_rows(draw) -> torch.Tensor:
     return row
 
 
-def _request(params: SamplingParams, history: list[int]) -> Request:
+def _request(params: SamplingParams, history: list[int]) -> SamplingRow:
     prompt = [5, 6, 7]
-    req = Request("r", prompt, params, max_tokens=8)
+    req = SamplingRow("r", prompt, params)
     req.token_ids = prompt + history
     if not params.greedy:
         req.generator = torch.Generator().manual_seed(params.seed or 0)
@@ -150,7 +149,7 @@ def run(engine: LLMEngine, work: list[tuple[str, list[int], SamplingParams]], ab
 def assert_all_free(engine: LLMEngine) -> None:
     stats = engine.stats()
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"], stats
-    assert not engine.requests and not engine._detok
+    assert not engine.requests and not engine.output_processor.states
     assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
@@ -189,7 +188,7 @@ def test_one_requests_fault_leaves_every_other_request_identical(
     assert_all_free(engine)
     calls = {"n": 0}
 
-    def injector(where: str, req: Request) -> None:
+    def injector(where: str, req) -> None:
         if req.request_id == victim_id and where == phase:
             calls["n"] += 1
             if calls["n"] > fault_at:
@@ -238,12 +237,12 @@ def test_the_request_that_stopped_a_replica_now_just_samples(engine):
 
 
 def test_a_failure_while_adding_leaves_no_trace(engine):
-    engine.tokenizer = object()  # the detokenizer cannot be built from it
+    engine.output_processor.tokenizer = object()  # the detokenizer cannot be built from it
     try:
         with pytest.raises(AttributeError):
             engine.add_request(None, SamplingParams(max_tokens=2), "x", prompt_token_ids=[5, 6])
     finally:
-        engine.tokenizer = None
+        engine.output_processor.tokenizer = None
     assert "x" not in engine.requests and not engine.scheduler.waiting
     assert_all_free(engine)
 
@@ -292,7 +291,7 @@ def test_request_fault_reaches_only_its_caller(make_tiny_model):
     path = make_tiny_model("llama", num_hidden_layers=1, hidden_size=32, head_dim=8)
     llm = AsyncLLM(model=str(path), block_size=4, num_kv_blocks=64)
 
-    def injector(where: str, req: Request) -> None:
+    def injector(where: str, req) -> None:
         if req.request_id == "bad" and where == "sample" and req.num_output_tokens >= 2:
             raise KeyError("boom")
 

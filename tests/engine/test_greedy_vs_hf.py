@@ -6,7 +6,7 @@ import pytest
 from kvmesh_testing import hf_greedy, random_prompts
 
 from kvmesh import LLM, SamplingParams
-from kvmesh.replicas.engine import LLMEngine
+from kvmesh.replicas.llm_engine import LLMEngine
 
 MAX_NEW = 20
 LENGTHS = [3, 16, 37, 90]

@@ -6,8 +6,8 @@ import pytest
 from kvmesh_testing import hf_greedy, random_prompts
 
 from kvmesh import LLM, SamplingParams
-from kvmesh.replicas.engine import LLMEngine
 from kvmesh.replicas.kv.events import replay
+from kvmesh.replicas.llm_engine import LLMEngine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -91,6 +91,8 @@ def test_shared_prefix_hits_and_stats(model_and_reference, assert_all_blocks_fre
 def test_events_replay_to_snapshot(model_and_reference):
     path, prompts, _ = model_and_reference
     engine = LLMEngine(model=str(path), block_size=4, num_kv_blocks=30)
+    assert engine.drain_kv_events() == []  # none recorded until a consumer asks
+    engine.enable_kv_events()
     events = []
     for i, p in enumerate(prompts):
         engine.add_request(None, GREEDY, request_id=str(i), prompt_token_ids=p)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmesh import SamplingParams
-from kvmesh.replicas.engine import LLMEngine
 from kvmesh.replicas.kv.block_pool import NULL_BLOCK_ID
 from kvmesh.replicas.kv.events import replay
+from kvmesh.replicas.llm_engine import LLMEngine
 
 PREFIXES = [[7] * 9, [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], []]
 
@@ -20,17 +18,14 @@ PREFIXES = [[7] * 9, [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], []]
 def engine(make_tiny_model):
     path = make_tiny_model("llama", num_hidden_layers=1, hidden_size=32, head_dim=8)
     # 20 blocks of 4: small enough that random workloads evict and preempt.
-    return LLMEngine(model=str(path), block_size=4, num_kv_blocks=20, max_num_batched_tokens=12)
+    engine = LLMEngine(model=str(path), block_size=4, num_kv_blocks=20, max_num_batched_tokens=12)
+    engine.enable_kv_events()
+    return engine
 
 
 def check_books(engine: LLMEngine, events: list, start: set) -> None:
     kv = engine.kv
-    kv.pool.check_invariants()
-    holders = Counter(
-        b.block_id for blocks in kv.req_blocks.values() for b in blocks if b.block_id != 0
-    )
-    for block in kv.pool.blocks[1:]:
-        assert block.ref_count == holders.get(block.block_id, 0), block
+    kv.check_invariants()
     used = sum(1 for b in kv.pool.blocks[1:] if b.ref_count > 0)
     assert used + kv.num_blocks_free == kv.num_blocks_total
     assert kv.pool.blocks[NULL_BLOCK_ID].ref_count == 0

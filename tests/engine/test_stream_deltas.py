@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 from kvmesh import SamplingParams
-from kvmesh.replicas.engine import LLMEngine
-from kvmesh.replicas.wire import ReplicaChunk
+from kvmesh.replicas.llm_engine import LLMEngine
+from kvmesh.replicas.serve_messages import ReplicaChunk
 from kvmesh.router.streams import GenerationBuilder
 
 

@@ -19,7 +19,7 @@ from kvmesh_testing import random_prompts
 from kvmesh import LLM, SamplingParams
 from kvmesh.kernels import cpu_native
 from kvmesh.replicas.async_engine import AsyncLLM
-from kvmesh.replicas.engine import LLMEngine
+from kvmesh.replicas.llm_engine import LLMEngine
 from kvmesh.replicas.warmup import warm_up
 
 ENGINE = dict(block_size=4, num_kv_blocks=64, max_num_batched_tokens=32)
@@ -47,6 +47,8 @@ def test_warm_up_leaves_the_engine_as_new(make_tiny_model, arch, overrides):
     path = make_tiny_model(arch, num_hidden_layers=1, **overrides)
     fresh = LLMEngine(model=str(path), **ENGINE)
     warmed = LLMEngine(model=str(path), **ENGINE)
+    for engine in (fresh, warmed):
+        engine.enable_kv_events()  # a consumer (the cache reporter) hears nothing of it
     phases = warm_up(warmed)
     assert set(phases) == {"kernels", "warmup"} and all(s >= 0 for s in phases.values())
     assert {"model_files", "load_weights", "kv_cache", "kernels", "warmup"} <= set(

@@ -21,7 +21,12 @@ GROUPS = [(2, 2), (6, 2), (8, 1)]  # (heads, kv heads): GQA ratios 1, 3, and 8 (
 
 
 def _check(out, batch, scale, window, tol, seed, dtype):
-    ref = torch_ops.paged_attention(batch.q, batch.twin_cache, batch.meta, scale, window)
+    # The pure-torch twin, not the C++ CPU kernels (tested against it in their own file).
+    native, torch_ops.USE_CPU_NATIVE = torch_ops.USE_CPU_NATIVE, False
+    try:
+        ref = torch_ops.paged_attention(batch.q, batch.twin_cache, batch.meta, scale, window)
+    finally:
+        torch_ops.USE_CPU_NATIVE = native
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert not out.isnan().any(), f"unwritten or NaN-tainted output (seed={seed})"
     # Quantised caches dequantise in fp32 here and in the activation dtype in the twin.

@@ -130,6 +130,7 @@ def test_events_from_a_real_block_pool_mirror_its_cache():
     from kvmesh.replicas.kv.block_pool import BlockPool
 
     pool = BlockPool(num_blocks=9)  # 8 usable blocks
+    pool.record_events(True)  # as a replica does once a cache reporter drains them
     core, reps = _setup(names=("a",))
     ps = [prompt(t, 4 * BS) for t in range(4)]
     for p in ps:  # each prompt: 4 blocks computed, cached, then freed (LRU keeps them)

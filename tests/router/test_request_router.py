@@ -14,7 +14,7 @@ from ray.serve._private.common import (
 from ray.serve.request_router import PendingRequest
 from router_testing import BS, FakeReplica, hashes, prompt, stored
 
-from kvmesh.replicas.wire import ReplicaRequest
+from kvmesh.replicas.serve_messages import ReplicaRequest
 from kvmesh.router.request_router import PrefixAwareRequestRouter
 from kvmesh.router.routing import RoutingHint
 

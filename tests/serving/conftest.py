@@ -119,7 +119,7 @@ def serve_app(tiny_chat_models, tmp_path_factory) -> Iterator[ServeApp]:
     from ray import serve
 
     from kvmesh.cluster.app import build_app
-    from kvmesh.cluster.config import AppConfig
+    from kvmesh.cluster.app_config import AppConfig
 
     port = free_port()
     decision_log = tmp_path_factory.mktemp("decisions") / "tiny.jsonl"

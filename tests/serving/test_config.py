@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kvmesh.cluster.app_config import AppConfig, deployment_name, load_config
 from kvmesh.cluster.cli import build_parser
-from kvmesh.cluster.config import AppConfig, deployment_name, load_config
 from kvmesh.cluster.serve_cmd import (
     check_serve_config,
     config_from_args,

@@ -99,7 +99,7 @@ def test_typed_control_tokens_stay_text(serve_app):
     """A user who types ChatML markers does not open a system turn: the prompt holds exactly
     the template's own control tokens."""
     from kvmesh.replicas.chat import encode_chat
-    from kvmesh.replicas.engine import load_tokenizer
+    from kvmesh.replicas.input_processor import load_tokenizer
 
     tokenizer = load_tokenizer(serve_app.model_dirs[0])
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")

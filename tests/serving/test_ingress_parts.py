@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from kvmesh import SamplingParams
-from kvmesh.cluster.config import AppConfig
+from kvmesh.cluster.app_config import AppConfig
 from kvmesh.replicas.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvmesh.replicas.replica_metrics import ReplicaMetrics
 from kvmesh.router.auth import APIKeyAuth, keys_from_env, keys_from_file

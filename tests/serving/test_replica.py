@@ -10,7 +10,8 @@ import pytest
 from kvmesh import SamplingParams
 from kvmesh.replicas.async_engine import EngineDeadError
 from kvmesh.replicas.deployment import LLMServer
-from kvmesh.replicas.wire import ReplicaRequest
+from kvmesh.replicas.serve_messages import ReplicaRequest
+from kvmesh.router.routing import CacheReporter
 
 ENGINE = {"num_kv_blocks": 64, "max_model_len": 512, "block_size": 16, "max_num_seqs": 8}
 PROMPT = list(range(10, 50))
@@ -26,7 +27,9 @@ async def make_server(tiny_dir):
     servers: list[LLMServer] = []
 
     def make(**options) -> LLMServer:
-        server = LLMServer({"model": str(tiny_dir), **ENGINE}, "tiny", options)
+        server = LLMServer(
+            {"model": str(tiny_dir), **ENGINE}, "tiny", options, cache_reporter=CacheReporter
+        )
         servers.append(server)
         return server
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmesh.replicas.config import ModelArchConfig
+from kvmesh.replicas.model_arch import ModelArchConfig
 
 # Tiny models to shard over 2 ranks: 4 query heads and 4, 2 or 1 KV heads (1 = replicated).
 # Qwen2 adds QKV biases; an odd vocabulary pads the last rank's vocabulary slice; tied

@@ -16,8 +16,8 @@ import ray
 from kvmesh_testing import random_prompts
 
 from kvmesh import LLM, SamplingParams
-from kvmesh.replicas.config import EngineArgs
-from kvmesh.replicas.tp.engine import TPEngine, TPWorkerError
+from kvmesh.replicas.engine_args import EngineArgs
+from kvmesh.replicas.tp.tp_engine import TPEngine, TPWorkerError
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -220,7 +220,7 @@ def test_inside_a_replica_actor_workers_use_its_placement_group(make_tiny_model)
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from kvmesh.replicas.tp.cluster import tp_bundles
+    from kvmesh.replicas.tp.ray_workers import tp_bundles
 
     path = make_tiny_model("llama", num_key_value_heads=1)
     prompt = [5, 6, 7, 8, 9]

@@ -30,7 +30,7 @@ def tp_app(ray_local, make_tiny_model):
     from ray import serve
 
     from kvmesh.cluster.app import build_app
-    from kvmesh.cluster.config import AppConfig
+    from kvmesh.cluster.app_config import AppConfig
 
     model = make_tiny_model("llama", num_key_value_heads=2)
     port = free_port()

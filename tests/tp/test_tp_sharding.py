@@ -11,11 +11,10 @@ import torch
 from kvmesh_testing import random_prompts
 
 from kvmesh import LLM
-from kvmesh.replicas.config import ModelArchConfig
 from kvmesh.replicas.loader import load_model
+from kvmesh.replicas.model_arch import ModelArchConfig
 from kvmesh.replicas.model_runner import ModelRunner, allocate_kv_cache, prepare_inputs
-from kvmesh.replicas.request import Request
-from kvmesh.replicas.sampling_params import SamplingParams
+from kvmesh.replicas.step_types import ScheduledChunk
 from kvmesh.replicas.tp.comm import TPGroup, open_store
 from kvmesh.replicas.tp.layers import TPShard, check_tp_size
 from kvmesh.replicas.tp.messages import BUFFER_LEN, HEADER_LEN, pack_step, unpack_step
@@ -116,15 +115,12 @@ def test_each_rank_holds_about_one_nth_of_the_parameters(tp_model):
 # ---- step messages ----------------------------------------------------------------------------
 @pytest.mark.parametrize("num_decodes", [3, 600])  # one broadcast / two broadcasts
 def test_step_inputs_survive_packing(num_decodes):
-    params = SamplingParams(max_tokens=4)
-    reqs = [Request(str(i), list(range(5, 12 + i % 7)), params, 4) for i in range(num_decodes)]
-    for r in reqs:
-        r.num_computed_tokens = r.num_tokens - 1
-    prefill = Request("p", list(range(3, 40)), params, 4)
-    prefill.num_computed_tokens = 8
-    scheduled = [(r, 1) for r in reqs] + [(prefill, 20)]
-    block_ids = [list(range(i + 1, i + 6)) for i in range(num_decodes)] + [list(range(40, 50))]
-    inputs = prepare_inputs(scheduled, block_ids, 4, torch.device("cpu"))
+    chunks = [
+        ScheduledChunk(str(i), [11 + i % 7], 6 + i % 7, list(range(i + 1, i + 6)), True)
+        for i in range(num_decodes)
+    ]
+    chunks.append(ScheduledChunk("p", list(range(11, 31)), 8, list(range(40, 50)), False))
+    inputs = prepare_inputs(chunks, 4, torch.device("cpu"))
     header, payload = pack_step(inputs)
     assert (HEADER_LEN + payload.numel() <= BUFFER_LEN) == (num_decodes < 100)
     got = unpack_step(header, payload, torch.device("cpu"))
@@ -139,9 +135,9 @@ def test_step_inputs_survive_packing(num_decodes):
 
 # ---- a real two-rank forward pass, in one process ---------------------------------------------
 def _prefill_inputs(prompt: list[int], block_size: int = 4):
-    req = Request("r", prompt, SamplingParams(max_tokens=1), 1)
     blocks = list(range(1, 2 + len(prompt) // block_size))
-    return prepare_inputs([(req, len(prompt))], [blocks], block_size, torch.device("cpu"))
+    chunk = ScheduledChunk("r", list(prompt), 0, blocks, sample=True)
+    return prepare_inputs([chunk], block_size, torch.device("cpu"))
 
 
 def test_two_ranks_in_threads_match_one(tp_model):
@@ -150,7 +146,7 @@ def test_two_ranks_in_threads_match_one(tp_model):
     path, cfg = tp_model
     prompt = random_prompts(7, [37], vocab=cfg.vocab_size)[0]
     kv = allocate_kv_cache(cfg, 16, 4, torch.float32, "auto", torch.device("cpu"))
-    want = ModelRunner(_load(path, cfg), kv, "cpu").execute(_prefill_inputs(prompt))
+    want = ModelRunner(_load(path, cfg), kv, "cpu").forward(_prefill_inputs(prompt))
 
     store = open_store("127.0.0.1", 0, 2, 0, timeout_s=30)
     results: dict[int, torch.Tensor] = {}
@@ -165,7 +161,7 @@ def test_two_ranks_in_threads_match_one(tp_model):
             caches = allocate_kv_cache(
                 cfg, 16, 4, torch.float32, "auto", "cpu", num_kv_heads=shard.num_kv_heads
             )
-            results[rank] = ModelRunner(model, caches, "cpu").execute(_prefill_inputs(prompt))
+            results[rank] = ModelRunner(model, caches, "cpu").forward(_prefill_inputs(prompt))
             group.close()
         except BaseException as exc:
             errors.append(exc)

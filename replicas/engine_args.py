@@ -1,0 +1,40 @@
+"""Engine arguments: what a user sets, named as vLLM names them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineArgs(BaseModel):
+    """Engine arguments, named as vLLM names them. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(
+        default=None,
+        description="Local Hugging Face model directory or GGUF file; None = embedded SmolLM2.",
+    )
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    block_size: int = Field(default=16, ge=1, le=256)
+    max_num_seqs: int = Field(default=128, ge=1)
+    max_num_batched_tokens: int | None = Field(
+        default=2048, ge=1, description="Per-step token budget; None = unlimited."
+    )
+    max_model_len: int | None = Field(default=None, ge=1)
+    num_kv_blocks: int | None = Field(default=None, ge=1)
+    kv_cache_memory_bytes: int | None = Field(default=None, ge=1)
+    kv_cache_dtype: Literal["auto", "fp8", "int8"] = "auto"
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    seed: int = 0
+    warmup: bool = Field(
+        default=True,
+        description="Serving: warm the engine up (kernels, a short prefill and decode) before "
+        "the replica reports ready, so its first request runs at steady-state speed.",
+    )
