@@ -4,9 +4,9 @@ The router sees the ``DeploymentHandle`` call's arguments. It looks, in the posi
 arguments and then the keyword values, for the first object with either
 
 * ``prompt_block_hashes`` (a :class:`RoutingHint`), or
-* ``block_hashes`` (the ingress's ``ReplicaRequest`` of :mod:`kvmesh.replicas.wire`),
+* ``block_hashes`` (the ingress's ``ReplicaRequest`` of :mod:`kvmesh.replicas.serve_messages`),
 
-both a ``list[bytes]`` of ``hash_block_tokens(prompt_ids, block_size, extra_keys=(model,))``.
+both a ``list[bytes]`` of ``BlockHasher.for_model(model, block_size).hash_blocks(prompt_ids)``.
 The prompt length comes from ``num_prompt_tokens`` or ``len(prompt_token_ids)``; the session
 from ``session_id`` on that object or, failing that, the handle's
 ``.options(session_id=...)`` (the ``x-session-id`` header).
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmesh.replicas.block_hash import hash_block_tokens
+from kvmesh.replicas.block_hash import BlockHasher
 
 
 @dataclass
@@ -46,8 +46,8 @@ class RoutingHint:
         block_size: int = 16,
         session_id: str | None = None,
     ) -> RoutingHint:
-        """Hash the prompt exactly as the engine names its blocks (extra key: model name)."""
-        hashes = hash_block_tokens(token_ids, block_size, extra_keys=(model_name,))
+        """Hash the prompt exactly as the engine names its blocks (the model's hasher)."""
+        hashes = BlockHasher.for_model(model_name, block_size).hash_blocks(token_ids)
         return cls(hashes, len(token_ids), session_id)
 
 

@@ -16,7 +16,7 @@ API for the replica deployment (the only calls it needs)::
         def record_routing_stats(self) -> dict:  # Serve calls this every period
             return self.reporter.report(
                 events=self.engine.drain_kv_events(),
-                snapshot_fn=lambda: self.engine.engine.kv.cached_block_hashes(),
+                snapshot_fn=lambda: self.async_llm.cached_block_hashes(),
                 load=self.engine.stats(),
             )
 
