@@ -1,13 +1,15 @@
-"""A C++ decode-attention kernel for CPUs, compiled once per machine and loaded from a cache.
+"""C++ paged-attention kernels for CPUs (decode and extend), compiled once per machine and
+loaded from a cache.
 
-The torch twin stays the reference; this is the fast CPU path for the one op where pure torch
-is far off the memory-bandwidth floor (see csrc/paged_decode_cpu.cpp for why). If the compiler
-or ninja is missing, or ``KVMESH_CPU_NATIVE=0``, callers fall back to the torch twin.
+The torch twin stays the reference; these are the fast CPU path for the op where pure torch
+is far off the memory-bandwidth floor (see csrc/ for why). If the compiler or ninja is
+missing, or ``KVMESH_CPU_NATIVE=0``, callers fall back to the torch twin.
 
 The build is cached under ``$KVMESH_CACHE/torch_extensions`` (default ``~/.cache/kvmesh``) in
-a directory named by a hash of everything the binary depends on: the source bytes, the compile
-flags, torch's and Python's versions, the compiler's version and the CPU's feature flags (the
-code is built with ``-march=native``). Nothing in the key depends on where the source or the
+a directory named by a hash of everything the binary depends on: the bytes of every source
+and header in ``csrc/`` (keyed by file name), the compile flags, torch's and Python's
+versions, the compiler's version and the CPU's feature flags (the code is built with
+``-march=native``). Nothing in the key depends on where the source or the
 interpreter lives, so every checkout and virtual environment on a machine shares one build.
 
 A process that finds the built module imports it directly: no ninja, no torch JIT versioner,
@@ -41,7 +43,10 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "paged_decode_cpu.cpp"
+"""The translation unit that defines the Python module (the torch bindings)."""
+SOURCE_SUFFIXES = (".cpp", ".h")
 EXT_NAME = "kvmesh_paged_decode_cpu"
 EXTRA_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 EXTRA_LDFLAGS = ("-fopenmp",)
@@ -76,12 +81,30 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def source_files() -> list[Path]:
+    """``SOURCE`` and every other source or header next to the kernels, in a stable order.
+
+    Globbed rather than listed, so a file added to ``csrc/`` is compiled (``.cpp``) and keyed
+    into the build hash without anyone remembering to register it: a header edit must give a
+    new build as surely as a source edit.
+    """
+    others = sorted(
+        p
+        for p in CSRC.iterdir()
+        if p.suffix in SOURCE_SUFFIXES and p.is_file() and p.name != SOURCE.name
+    )
+    return [SOURCE, *others]
+
+
 def build_inputs() -> dict[str, Any]:
     """Everything the compiled binary depends on; its hash names the build directory."""
     cxx = os.environ.get("CXX", "c++")  # what torch's cpp_extension compiles with
     return {
         "name": EXT_NAME,
-        "source_sha256": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        # By file name, not path: the same bytes in another checkout are the same build.
+        "sources_sha256": {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in source_files()
+        },
         "cflags": list(EXTRA_CFLAGS),
         "ldflags": list(EXTRA_LDFLAGS),
         "torch": torch.__version__,
@@ -124,12 +147,12 @@ def native_ops() -> ModuleType | None:
                     source = "built"
     except Exception as exc:
         STATUS.update(source="unavailable", error=str(exc))
-        log.warning("CPU decode-attention kernel unavailable (%s); using the torch twin", exc)
+        log.warning("CPU attention kernels unavailable (%s); using the torch twin", exc)
         return None
     seconds = time.perf_counter() - start
     path = getattr(module, "__file__", None) or str(lib)
     STATUS.update(source=source, path=path, seconds=seconds)
-    log.info("CPU decode-attention kernel %s in %.2fs (%s)", source, seconds, path)
+    log.info("CPU attention kernels %s in %.2fs (%s)", source, seconds, path)
     return module
 
 
@@ -177,7 +200,7 @@ def _build(inputs: dict[str, Any], out: Path, lib: Path) -> ModuleType:
     tmp = out / f"build.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt of this pid
     tmp.mkdir()
-    log.warning("compiling the CPU decode-attention kernel (once per machine) into %s", out)
+    log.warning("compiling the CPU attention kernels (once per machine) into %s", out)
     start = time.perf_counter()
     try:
         module = _compile(tmp)
@@ -208,9 +231,11 @@ def _compile(build_directory: Path) -> ModuleType:
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    files = source_files()
     return load(
         name=EXT_NAME,
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in files if p.suffix == ".cpp"],
+        extra_include_paths=sorted({str(p.parent) for p in files}),
         extra_cflags=list(EXTRA_CFLAGS),
         extra_ldflags=list(EXTRA_LDFLAGS),
         build_directory=str(build_directory),

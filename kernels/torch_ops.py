@@ -156,16 +156,35 @@ def _plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> dic
                     "kpos": kpos,
                 }
             )
-    native = None
-    if decodes:
-        idx = torch.tensor(decodes, device=device)
-        native = {
-            "tokens": torch.tensor([starts[i] for i in decodes], device=device),
-            "tables": meta.block_tables[idx].contiguous(),
-            "lens": meta.seq_lens[idx].contiguous(),
-        }
-    plan = {"groups": groups, "prefills": prefills, "native": native}
+    plan = {"groups": groups, "prefills": prefills}
     meta.plan["torch"] = plan
+    return plan
+
+
+def _native_plan(meta: AttentionMetadata) -> dict:
+    """The C++ kernels' view of this step, built once and shared by every layer: for the
+    decode rows and for the longer chunks, int32 block tables, lengths and query rows."""
+    if "cpu_native" in meta.plan:
+        return meta.plan["cpu_native"]
+    qlens = meta.query_lens_cpu
+    starts = _cumsum(qlens)
+
+    def rows(ids: list[int]) -> dict | None:
+        if not ids:
+            return None
+        idx = torch.tensor(ids)
+        return {
+            "tables": meta.block_tables[idx].to(torch.int32).contiguous(),
+            "lens": meta.seq_lens[idx].to(torch.int32).contiguous(),
+            "starts": torch.tensor([starts[i] for i in ids], dtype=torch.int32),
+            "qlens": torch.tensor([qlens[i] for i in ids], dtype=torch.int32),
+        }
+
+    plan = {
+        "decode": rows([i for i, n in enumerate(qlens) if n == 1]),
+        "extend": rows([i for i, n in enumerate(qlens) if n > 1]),
+    }
+    meta.plan["cpu_native"] = plan
     return plan
 
 
@@ -200,26 +219,49 @@ def paged_attention(
 
     Each sequence's new tokens attend to its cached prefix plus themselves, causally (and only
     to the last ``sliding_window`` positions when set). The new tokens' K/V must already be in
-    the cache. Decodes (one query token) run in length-sorted groups through SDPA, or through
-    the C++ kernel of ``cpu_native`` when every row is a float32 decode on the CPU; prefill
-    chunks run one sequence at a time through SDPA with a bottom-right-aligned causal mask.
+    the cache. On the CPU with a float32 cache this is the C++ kernels of ``cpu_native``: a
+    one-pass decode kernel for the rows with one query token and a paged causal kernel for
+    the longer chunks, both straight from the block tables. Elsewhere (and as the reference)
+    it is the torch twin: decodes in length-sorted groups through SDPA, prefill chunks one
+    sequence at a time through SDPA with a bottom-right-aligned causal mask.
     """
-    out = torch.empty_like(q)
-    block_size = cache.k.shape[1]
-    plan = _plan(meta, block_size, q.device)
-    native = _native_decode(q, cache) if plan["native"] is not None else None
+    native = _native_ops(q, cache)
     if native is not None:
-        rows = plan["native"]
-        tok = rows["tokens"]
-        q_rows = q[tok]
-        o = torch.empty_like(q_rows)
-        native.paged_decode(
-            o, q_rows, cache.k, cache.v, rows["tables"], rows["lens"], scale, sliding_window or 0
-        )
-        out[tok] = o
-    else:
-        for group in plan["groups"]:
-            _decode_group(q, cache, group, scale, sliding_window, out)
+        plan = _native_plan(meta)
+        # The kernels read q through its row stride (it may be a view into the fused qkv
+        # projection) and write every row of `out` exactly once: decodes, then chunks.
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        window = sliding_window or 0
+        if (rows := plan["decode"]) is not None:
+            native.paged_decode(
+                out,
+                q,
+                cache.k,
+                cache.v,
+                rows["tables"],
+                rows["lens"],
+                rows["starts"],
+                scale,
+                window,
+            )
+        if (rows := plan["extend"]) is not None:
+            native.paged_extend(
+                out,
+                q,
+                cache.k,
+                cache.v,
+                rows["tables"],
+                rows["lens"],
+                rows["starts"],
+                rows["qlens"],
+                scale,
+                window,
+            )
+        return out
+    plan = _plan(meta, cache.k.shape[1], q.device)
+    out = torch.empty_like(q)
+    for group in plan["groups"]:
+        _decode_group(q, cache, group, scale, sliding_window, out)
     for p in plan["prefills"]:
         start, n, ctx = p["start"], p["n"], p["ctx"]
         k, v = _gather_kv(cache, p["blocks"], q.dtype)
@@ -247,12 +289,24 @@ def paged_attention(
     return out
 
 
-def _native_decode(q: torch.Tensor, cache: KVCacheLayer):
-    """The C++ decode kernel for float32 CPU caches (None elsewhere or if it cannot build)."""
+USE_CPU_NATIVE = True
+"""Whether ``paged_attention`` may use the C++ kernels of ``cpu_native``; tests and the
+attention benchmark switch it off to get the pure-torch reference."""
+
+
+def _native_ops(q: torch.Tensor, cache: KVCacheLayer):
+    """The C++ kernels for float32 CPU caches (None elsewhere or if they cannot build).
+
+    Quantised (int8 / fp8) caches stay on the torch twin, which dequantises as it gathers.
+    """
     if (
-        q.device.type != "cpu"
+        not USE_CPU_NATIVE
+        or q.device.type != "cpu"
         or cache.quantized
-        or not (q.dtype == cache.k.dtype == torch.float32 and cache.k.is_contiguous())
+        or not (q.dtype == cache.k.dtype == cache.v.dtype == torch.float32)
+        or not (cache.k.is_contiguous() and cache.v.is_contiguous())
+        or q.stride(-1) != 1
+        or q.stride(-2) != q.shape[-1]
     ):
         return None
     from kvmesh.kernels.cpu_native import native_ops

@@ -1,96 +1,262 @@
-// Decode attention read straight from the paged KV cache, for CPUs.
+// Torch bindings of the CPU paged-attention kernels (attention_cpu.cpp): argument checks, how
+// the work is cut into items, and the threads that run them.
 //
 // Pure torch has to gather every sequence's blocks into a padded tensor before it can
-// multiply (three passes over the KV and a large allocation per layer); on a 2-core machine
-// that gather cost more than the model's matmuls. This kernel walks each sequence's block
-// table in place: one pass over K, one over V, no allocation beyond a score row.
+// multiply (several passes over the KV and a large allocation per layer); on a 2-core machine
+// that gather cost more than the model's matmuls. These kernels walk the block tables in
+// place and read each K and V element once.
 //
-// q [N, H, D] float32, one query token per sequence; k_cache / v_cache [NB, BS, KVH, D]
-// float32 contiguous; block_tables [N, MB] int32; seq_lens [N] int32; out [N, H, D].
-// window > 0 limits attention to the last `window` positions (sliding window).
+// Work items: decode is cut per (sequence, group of kv heads), and the query heads sharing a
+// kv head (GQA) read each K/V tile once together; when that gives too few items to keep
+// every thread busy (batch-1 decode), long contexts are also split into key ranges whose
+// partial softmax states are merged at the end (flash-decoding). Extend is cut
+// per (sequence, kv head, tile of query tokens). Items run longest first from a shared
+// counter on torch's intra-op threads (OpenMP in torch's CPU builds; at::parallel_for honours
+// torch.set_num_threads, which the engine uses to size its share of the machine).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <limits>
 #include <vector>
 
-// Dot product; `omp simd reduction` lets the compiler keep vector accumulators and reduce
-// them once at the end, without -ffast-math (a plain `s += a[i] * b[i]` loop is a serial
-// dependency chain otherwise).
-static inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+#include "attention_cpu.h"
+
+namespace {
+
+constexpr int64_t kMinSplitKeys = 128;  // below this a split costs more than it balances
+constexpr int64_t kItemsPerThread = 8;  // how finely to split when items are scarce
+// A step smaller than this runs on one thread: waking the others and joining them costs a
+// few microseconds, as much as the whole job (batch-1 decode of a short context), and on a
+// busy machine a join can wait a scheduler tick for a descheduled thread.
+constexpr int64_t kMinParallelBytes = 512 << 10;  // decode: K+V bytes to read
+constexpr int64_t kMinParallelMacs = 4 << 20;     // extend: multiply-adds
+constexpr float kLog2e = 1.4426950408889634f;
+
+kvmesh::PagedCache check_cache(const torch::Tensor& q, const torch::Tensor& k_cache,
+                               const torch::Tensor& v_cache, const torch::Tensor& out,
+                               const char* op) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32 &&
+                  v_cache.scalar_type() == torch::kFloat32 &&
+                  out.scalar_type() == torch::kFloat32,
+              op, ": float32 only");
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes() && k_cache.dim() == 4 &&
+                  v_cache.sizes() == k_cache.sizes(),
+              op, ": q/out [T, H, D], caches [NB, BS, KVH, D]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": contiguous caches");
+  // Queries may be a view into the fused qkv projection: rows strided, each row dense.
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.stride(2) == 1 &&
+                  out.stride(1) == out.size(2),
+              op, ": each token's [H, D] must be dense");
+  const int64_t H = q.size(1), D = q.size(2), KVH = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && H % KVH == 0, op, ": head shapes do not match");
+  return {k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), KVH, D};
 }
 
+void check_index(const torch::Tensor& t, int64_t rows, const char* what) {
+  TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.is_contiguous() && t.size(0) == rows, what,
+              ": int32, contiguous, one row per sequence");
+}
+
+// Runs work(item, scratch) for items [0, n) on torch's threads, each thread pulling the next
+// item from a shared counter (a static split would hand one thread all the long sequences of
+// a ragged batch). `scratch_floats`: per-thread scratch.
+template <class F>
+void run_items(int64_t n, int64_t max_threads, int64_t scratch_floats, F&& work) {
+  if (n == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min(max_threads, n);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;)
+      work(i, scratch.data());
+  });
+}
+
+struct DecodeItem {
+  int64_t seq, h0, h1, part, parts, begin, end;
+};
+
+// out[tokens[i]] = attention of q[tokens[i]] (one query token of sequence i, the last of its
+// seq_lens[i] tokens) over that sequence's cached keys; window > 0: only the last `window`.
 void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
                   torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
-                  double scale, int64_t window) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k_cache.dtype() == torch::kFloat32,
-              "paged_decode: float32 only");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  block_tables.is_contiguous() && seq_lens.is_contiguous() &&
-                  out.is_contiguous(),
-              "paged_decode: contiguous tensors only");
-  const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2);
-  const int64_t G = H / KVH, MB = block_tables.size(1);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int32_t* bt = block_tables.data_ptr<int32_t>();
+                  torch::Tensor tokens, double scale, int64_t window) {
+  const kvmesh::PagedCache c = check_cache(q, k_cache, v_cache, out, "paged_decode");
+  const int64_t N = seq_lens.size(0), H = q.size(1), D = c.head_dim, KVH = c.kv_heads;
+  const int64_t G = H / KVH;
+  check_index(seq_lens, N, "paged_decode seq_lens");
+  check_index(tokens, N, "paged_decode tokens");
+  check_index(block_tables, N, "paged_decode block_tables");
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* toks = tokens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t table_stride = block_tables.size(1);
+  const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float fscale = static_cast<float>(scale);
-  const int64_t slot = KVH * D;  // one token's K (or V) for all kv heads: contiguous
+  const int64_t q_stride = q.stride(0), out_stride = out.stride(0);
+  const float qscale = static_cast<float>(scale) * kLog2e;
 
-  // One sequence per work item: each token's K row for all heads is one contiguous read.
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<float> acc(H * D);
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t len = lens[n];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t span = len - first;
-      scores.resize(H * span);
-      const float* qn = qp + n * H * D;
-      const int32_t* table = bt + n * MB;
-      for (int64_t t = first; t < len; ++t) {
-        // 64-bit offsets: block ids times strides overflow int32 on large caches.
-        const float* krow = kp + (static_cast<int64_t>(table[t / BS]) * BS + t % BS) * slot;
-        for (int64_t h = 0; h < H; ++h)
-          scores[h * span + (t - first)] = dot(qn + h * D, krow + (h / G) * D, D) * fscale;
+  // A unit is (sequence, group of kv heads). All of a sequence's kv heads by default: a
+  // token's K (and V) rows for every head are one contiguous run, so a tile of a block is
+  // one sequential read instead of one short strided read per head. With fewer sequences
+  // than threads the heads are dealt out too, and long contexts are split (below).
+  int64_t total_keys = 0;
+  for (int64_t n = 0; n < N; ++n)
+    total_keys += window > 0 ? std::min<int64_t>(lens[n], window) : lens[n];
+  const int64_t threads =
+      total_keys * KVH * D * 2 * static_cast<int64_t>(sizeof(float)) < kMinParallelBytes
+          ? 1
+          : at::get_num_threads();
+  const int64_t hpi = N >= threads ? KVH : std::max<int64_t>(1, KVH * N / threads);
+  const int64_t groups_per_seq = (KVH + hpi - 1) / hpi;
+  const int64_t units = N * groups_per_seq;
+  // Split long contexts only when the units alone cannot keep every thread busy.
+  const int64_t want = threads > 1 && units < kItemsPerThread * threads
+                           ? (kItemsPerThread * threads + units - 1) / units
+                           : 1;
+  std::vector<DecodeItem> items;
+  std::vector<int64_t> state_at(units, -1);  // where a split unit's partial rows start
+  int64_t state_rows = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t len = lens[n];
+    TORCH_CHECK(len >= 1 && (len - 1) / c.block_size < table_stride,
+                "paged_decode: sequence length outside its block table");
+    const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    const int64_t span = len - first;
+    const int64_t parts = std::max<int64_t>(1, std::min(want, span / kMinSplitKeys));
+    // Split points a whole number of blocks apart, so few tiles are cut in two.
+    const int64_t chunk = (span + parts - 1) / parts;
+    const int64_t step = (chunk + c.block_size - 1) / c.block_size * c.block_size;
+    const int64_t used = (span + step - 1) / step;
+    for (int64_t u = 0; u < groups_per_seq; ++u) {
+      const int64_t h0 = u * hpi, h1 = std::min(KVH, h0 + hpi);
+      if (used > 1) {
+        state_at[n * groups_per_seq + u] = state_rows;
+        state_rows += used * (h1 - h0) * G;
       }
-      for (int64_t h = 0; h < H; ++h) {
-        float* sh = scores.data() + h * span;
-        float m = -INFINITY;
-        for (int64_t t = 0; t < span; ++t) m = std::max(m, sh[t]);
-#pragma omp simd
-        for (int64_t t = 0; t < span; ++t) sh[t] = std::exp(sh[t] - m);
-        float sum = 0.f;
-        for (int64_t t = 0; t < span; ++t) sum += sh[t];
-        const float inv = 1.f / sum;
-#pragma omp simd
-        for (int64_t t = 0; t < span; ++t) sh[t] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = first; t < len; ++t) {
-        const float* vrow = vp + (static_cast<int64_t>(table[t / BS]) * BS + t % BS) * slot;
-        for (int64_t h = 0; h < H; ++h) {
-          const float p = scores[h * span + (t - first)];
-          const float* vh = vrow + (h / G) * D;
-          float* a = acc.data() + h * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
-        }
-      }
-      std::copy(acc.begin(), acc.end(), op + n * H * D);
+      for (int64_t p = 0; p < used; ++p)
+        items.push_back(
+            {n, h0, h1, p, used, first + p * step, std::min(len, first + (p + 1) * step)});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const DecodeItem& a, const DecodeItem& b) {
+    return a.end - a.begin > b.end - b.begin;
+  });
+  // Partial states of split units, [part][row]: m and l per row, acc [row, D].
+  std::vector<float> part_m(state_rows), part_l(state_rows), part_acc(state_rows * D);
+  std::vector<std::atomic<int32_t>> pending(units);
+  for (const DecodeItem& it : items)
+    if (it.parts > 1 && it.part == 0)
+      pending[it.seq * groups_per_seq + it.h0 / hpi].store(static_cast<int32_t>(it.parts));
+
+  const int64_t max_rows = hpi * G;
+  // scratch: scaled q rows, m, l, acc (for unsplit items), score tiles
+  const int64_t scratch = max_rows * (2 * D + 2 + kvmesh::kDecodeTile);
+  run_items(static_cast<int64_t>(items.size()), threads, scratch, [&](int64_t i, float* s) {
+    const DecodeItem& it = items[i];
+    const int64_t unit = it.seq * groups_per_seq + it.h0 / hpi;
+    const int64_t rows = (it.h1 - it.h0) * G;
+    const float* qrow = qp + toks[it.seq] * q_stride + it.h0 * G * D;
+    float* qs = s;
+    for (int64_t j = 0; j < rows * D; ++j) qs[j] = qrow[j] * qscale;
+    float *m, *l, *acc;
+    if (it.parts > 1) {  // this part's rows in the unit's partials
+      const int64_t at = state_at[unit] + it.part * rows;
+      m = part_m.data() + at;
+      l = part_l.data() + at;
+      acc = part_acc.data() + at * D;
+    } else {
+      m = s + max_rows * D;
+      l = m + max_rows;
+      acc = l + max_rows;
+    }
+    std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
+    std::fill(l, l + rows, 0.f);
+    std::fill(acc, acc + rows * D, 0.f);
+    kvmesh::decode_range(c, tables + it.seq * table_stride, it.h0, it.h1, qs, G, it.begin,
+                         it.end, m, l, acc, s + max_rows * (2 * D + 2));
+    float* orow = op + toks[it.seq] * out_stride + it.h0 * G * D;
+    if (it.parts == 1) {
+      kvmesh::merge_partials(1, rows, D, m, l, acc, orow);
+    } else if (pending[unit].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      // The unit's last part to finish merges them all (acq_rel: it sees their writes).
+      const int64_t at = state_at[unit];
+      kvmesh::merge_partials(it.parts, rows, D, part_m.data() + at, part_l.data() + at,
+                             part_acc.data() + at * D, orow);
     }
   });
 }
 
+struct ExtendItem {
+  int64_t seq, kv_head, first_token, tokens, cost;
+};
+
+// Chunk i: query tokens q[q_starts[i] : q_starts[i] + q_lens[i]], the last q_lens[i] of its
+// seq_lens[i] tokens (their K/V already in the cache), attend causally to every cached key up
+// to their own position (window > 0: only the last `window`); results go to the same rows of
+// out.
+void paged_extend(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
+                  torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
+                  torch::Tensor q_starts, torch::Tensor q_lens, double scale, int64_t window) {
+  const kvmesh::PagedCache c = check_cache(q, k_cache, v_cache, out, "paged_extend");
+  const int64_t P = seq_lens.size(0), H = q.size(1), D = c.head_dim, KVH = c.kv_heads;
+  const int64_t G = H / KVH;
+  check_index(seq_lens, P, "paged_extend seq_lens");
+  check_index(q_starts, P, "paged_extend q_starts");
+  check_index(q_lens, P, "paged_extend q_lens");
+  check_index(block_tables, P, "paged_extend block_tables");
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* starts = q_starts.data_ptr<int32_t>();
+  const int32_t* qlens = q_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t table_stride = block_tables.size(1);
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t q_stride = q.stride(0), out_stride = out.stride(0);
+  const float qscale = static_cast<float>(scale) * kLog2e;
+  const int64_t tile = kvmesh::extend_tile_tokens(G);
+
+  std::vector<ExtendItem> items;
+  int64_t total_cost = 0;
+  for (int64_t i = 0; i < P; ++i) {
+    const int64_t len = lens[i], n = qlens[i];
+    TORCH_CHECK(n >= 1 && len >= n && (len - 1) / c.block_size < table_stride &&
+                    starts[i] >= 0 && starts[i] + n <= q.size(0),
+                "paged_extend: chunk outside its queries or block table");
+    for (int64_t t = 0; t < n; t += tile) {
+      const int64_t count = std::min(tile, n - t);
+      const int64_t last = len - n + t + count;  // keys this tile reads, at most
+      const int64_t keys = window > 0 ? std::min(last, window + count) : last;
+      for (int64_t h = 0; h < KVH; ++h) items.push_back({i, h, t, count, keys * count});
+      total_cost += KVH * keys * count;
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const ExtendItem& a, const ExtendItem& b) { return a.cost > b.cost; });
+  // total_cost counts (key, query token, kv head) triples: G x D multiply-adds each for the
+  // scores and as many for V.
+  const int64_t threads = total_cost * G * D * 2 < kMinParallelMacs ? 1 : at::get_num_threads();
+  const int64_t scratch = kvmesh::extend_scratch_floats(G, D, tile);
+  run_items(static_cast<int64_t>(items.size()), threads, scratch, [&](int64_t i, float* s) {
+    const ExtendItem& it = items[i];
+    const int64_t row = starts[it.seq] + it.first_token;
+    const int64_t pos = lens[it.seq] - qlens[it.seq] + it.first_token;
+    kvmesh::extend_tile(c, tables + it.seq * table_stride, it.kv_head, G,
+                        qp + row * q_stride + it.kv_head * G * D, q_stride,
+                        op + row * out_stride + it.kv_head * G * D, out_stride, pos, it.tokens,
+                        qscale, window, s);
+  });
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over a paged float32 KV cache");
+  m.def("paged_decode", &paged_decode,
+        "one-pass decode attention over a paged float32 KV cache (GQA, split-K)");
+  m.def("paged_extend", &paged_extend,
+        "causal attention of prefill chunks over a paged float32 KV cache (cached prefix + "
+        "the chunk itself)");
 }

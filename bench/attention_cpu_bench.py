@@ -1,0 +1,245 @@
+"""Microbenchmark of CPU paged attention: the C++ kernels of ``kernels/cpu_native`` vs the torch
+twin (SDPA over gathered K/V), on SmolLM2 shapes (9 query heads, 3 KV heads, head dim 64,
+block 16, float32).
+
+    flock /tmp/kvmesh-bench.lock .venv/bin/python bench/attention_cpu_bench.py [--quick]
+
+Decode: one query token per sequence, batch 1/16/64 x context 128/512/2048; reports GB/s as
+the bytes of K+V the step has to read (context x KV heads x head dim x 4 B x 2) over the
+time of one call: the old two-pass kernel (built from git for the comparison only), the new
+one-pass kernel, and ``paged_attention`` through the new kernel and through the torch twin.
+
+Extend: one chunk of new tokens, fresh or over a cached prefix (a prefix-cache hit or a
+chunked-prefill continuation), through ``paged_attention`` with the C++ kernel and with the
+torch twin (SDPA); reports milliseconds per call. The metadata is the same for both, so the
+per-step plan is built once and reused, as it is across a model's layers.
+
+Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kvmesh.kernels import cpu_native, torch_ops
+from kvmesh.kernels.metadata import AttentionMetadata, KVCacheLayer
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
+
+
+def make_batch(chunks: list[tuple[int, int]], seed: int = 0):
+    """Sequences of ``(cached, new)`` tokens with blocks scattered through a random pool."""
+    g = torch.Generator().manual_seed(seed)
+    needed = [-(-(c + n) // BLOCK) for c, n in chunks]
+    num_blocks = sum(needed) + 1
+    order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    cache = KVCacheLayer(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    tables = torch.zeros(len(chunks), max(needed), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(needed):
+        tables[i, :n] = torch.tensor(order[used : used + n], dtype=torch.int32)
+        used += n
+    qlens = [n for _, n in chunks]
+    slens = [c + n for c, n in chunks]
+    starts = torch.zeros(len(chunks) + 1, dtype=torch.int32)
+    starts[1:] = torch.cumsum(torch.tensor(qlens), 0)
+    meta = AttentionMetadata(
+        query_start_loc=starts,
+        seq_lens=torch.tensor(slens, dtype=torch.int32),
+        block_tables=tables,
+        slot_mapping=torch.full((sum(qlens),), -1, dtype=torch.int64),
+        max_query_len=max(qlens),
+        max_seq_len=max(slens),
+        query_lens_cpu=qlens,
+        seq_lens_cpu=slens,
+    )
+    q = torch.randn(sum(qlens), HEADS, HEAD_DIM, generator=g)
+    return q, cache, meta
+
+
+@contextlib.contextmanager
+def native(enabled: bool):
+    """Route ``paged_attention`` through the C++ kernels (True) or the torch twin (False)."""
+    if hasattr(torch_ops, "USE_CPU_NATIVE"):
+        saved = torch_ops.USE_CPU_NATIVE
+        torch_ops.USE_CPU_NATIVE = enabled
+        try:
+            yield
+        finally:
+            torch_ops.USE_CPU_NATIVE = saved
+    else:  # the code before the one-pass kernels: only the decode hook existed
+        saved = torch_ops._native_decode
+        if not enabled:
+            torch_ops._native_decode = lambda q, cache: None
+        try:
+            yield
+        finally:
+            torch_ops._native_decode = saved
+
+
+def seconds_per_call(fn, min_time: float) -> float:
+    """Best of 5 rounds, each as many calls as fill ``min_time / 5`` seconds (the best, not
+    the median: on a shared machine other jobs only ever add time)."""
+    fn()  # warm: plan, allocator, thread pool
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-6)
+    reps = max(1, int(min_time / 5 / once))
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        rounds.append((time.perf_counter() - t0) / reps)
+    return min(rounds)
+
+
+OLD_COMMIT = "af4a405"
+"""The last commit with the two-pass decode kernel (kernels/csrc/paged_decode_cpu.cpp)."""
+
+
+def old_two_pass_kernel():
+    """The two-pass decode kernel as it was at OLD_COMMIT, built once into the kvmesh cache
+    (~45 s the first time) for this comparison only; None where git or a compiler is missing."""
+    from torch.utils.cpp_extension import load
+
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        src = subprocess.run(
+            ["git", "show", f"{OLD_COMMIT}:kernels/csrc/paged_decode_cpu.cpp"],
+            cwd=repo,
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    key = hashlib.sha256(src + json.dumps(cpu_native.build_inputs()).encode()).hexdigest()[:16]
+    out = cpu_native.cache_root() / "torch_extensions" / f"bench_old_two_pass-{key}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "old_two_pass.cpp").write_bytes(src)
+    bin_dir = str(Path(sys.executable).parent)  # ninja from the venv
+    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    try:
+        return load(
+            name="kvmesh_bench_old_two_pass",
+            sources=[str(out / "old_two_pass.cpp")],
+            extra_cflags=list(cpu_native.EXTRA_CFLAGS),
+            extra_ldflags=list(cpu_native.EXTRA_LDFLAGS),
+            build_directory=str(out),
+        )
+    except Exception as exc:  # a benchmark extra: report and go on
+        print(f"old kernel unavailable: {exc}", file=sys.stderr)
+        return None
+
+
+def decode_row(b: int, ctx: int, min_time: float, old) -> dict:
+    """One shape: the old two-pass kernel and the new one-pass kernel called directly on the
+    same rows, and ``paged_attention`` through the new kernel and through the torch twin."""
+    ops = cpu_native.native_ops()
+    scale = HEAD_DIM**-0.5
+    q, cache, meta = make_batch([(ctx - 1, 1)] * b)
+    kv_bytes = b * ctx * KV_HEADS * HEAD_DIM * 4 * 2
+    row = {"batch": b, "context": ctx, "kv_mib": round(kv_bytes / 2**20, 2)}
+    tables, lens = meta.block_tables, meta.seq_lens
+    tokens = torch.arange(b, dtype=torch.int32)
+    out = torch.empty_like(q)
+
+    def attention(on: bool) -> None:
+        with native(on):
+            torch_ops.paged_attention(q, cache, meta, scale)
+
+    calls = {
+        "new_kernel": lambda: ops.paged_decode(
+            out, q, cache.k, cache.v, tables, lens, tokens, scale, 0
+        ),
+        "paged_attention_native": lambda: attention(True),
+        "paged_attention_torch_twin": lambda: attention(False),
+    }
+    if old is not None:
+        calls["old_kernel"] = lambda: old.paged_decode(
+            out, q, cache.k, cache.v, tables, lens, scale, 0
+        )
+    for name, fn in calls.items():
+        s = seconds_per_call(fn, min_time)
+        row[f"{name}_us"] = round(s * 1e6, 1)
+        row[f"{name}_gbps"] = round(kv_bytes / s / 1e9, 2)
+    if old is not None:
+        row["new_vs_old"] = round(row["old_kernel_us"] / row["new_kernel_us"], 2)
+    return row
+
+
+def bench_decode(batches, contexts, min_time, old):
+    return [decode_row(b, ctx, min_time, old) for b in batches for ctx in contexts]
+
+
+def bench_extend(cases, min_time):
+    rows = []
+    for cached, new in cases:
+        q, cache, meta = make_batch([(cached, new)])
+        row = {"cached": cached, "new": new}
+        for name, on in (("native", True), ("torch_twin", False)):
+            with native(on):
+                s = seconds_per_call(
+                    lambda q=q, cache=cache, meta=meta: torch_ops.paged_attention(
+                        q, cache, meta, HEAD_DIM**-0.5
+                    ),
+                    min_time,
+                )
+            row[f"{name}_ms"] = round(s * 1e3, 3)
+        row["speedup"] = round(row["torch_twin_ms"] / row["native_ms"], 2)
+        rows.append(row)
+    return rows
+
+
+def cpu_flags() -> list[str]:
+    wanted = {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(wanted & set(line.split(":", 1)[1].split()))
+    return []
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--no-old", action="store_true", help="skip the old two-pass kernel")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if cpu_native.native_ops() is None:
+        raise SystemExit(f"the C++ kernels are unavailable here: {cpu_native.STATUS}")
+    min_time = 0.25 if args.quick else 1.0
+    batches = [1, 16] if args.quick else [1, 16, 64]
+    contexts = [128, 2048] if args.quick else [128, 512, 2048]
+    extend = [(0, 256), (512, 128), (1024, 512), (2000, 48)]
+    old = None if args.no_old else old_two_pass_kernel()
+    with torch.inference_mode():
+        result = {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_flags": cpu_flags(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block": BLOCK},
+            "old_kernel": f"{OLD_COMMIT}:kernels/csrc/paged_decode_cpu.cpp" if old else None,
+            "decode": bench_decode(batches, contexts, min_time, old),
+            "extend": bench_extend(extend[1:] if args.quick else extend, min_time),
+        }
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The C++ CPU attention kernels (``kernels/cpu_native``) vs the torch twin.
+
+The kernels read a cache where every slot past a sequence's length and every unused block is
+NaN, so a read out of bounds shows; the twin (``USE_CPU_NATIVE`` off: SDPA over gathered K/V)
+reads the same values with zeros there. Shapes cover the decode kernel's unrolled head dims
+(64, 128) and its generic path (40), GQA ratios 1, 3 and 8, several block sizes, ragged
+lengths, sliding windows, chunks with and without cached context, and a batch-1 decode long
+enough to be split across threads and merged.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kvmesh.kernels import cpu_native, torch_ops
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels_built():
+    """Build (or load) the kernels when the tests run, not at collection."""
+    if cpu_native.native_ops() is None:
+        pytest.skip(f"the C++ CPU kernels cannot be built here: {cpu_native.STATUS}")
+
+
+GROUPS = [(2, 2), (9, 3), (8, 1)]  # (heads, kv heads): GQA ratios 1, 3 (SmolLM2), 8 (MQA)
+
+
+def _reference(batch, scale, window, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(torch_ops, "USE_CPU_NATIVE", False)
+        return torch_ops.paged_attention(batch.q, batch.twin_cache, batch.meta, scale, window)
+
+
+def _native(batch, scale, window):
+    assert torch_ops.USE_CPU_NATIVE and torch_ops._native_ops(batch.q, batch.cache) is not None
+    return torch_ops.paged_attention(batch.q, batch.cache, batch.meta, scale, window)
+
+
+def _check(out, ref, seed):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert not out.isnan().any(), f"NaN in the output: a junk slot was read (seed={seed})"
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5, msg=f"seed={seed}")
+
+
+@pytest.fixture
+def more_threads():
+    """At least 2 torch threads, so the kernels' split and merge paths run on any machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(2, saved))
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), GROUPS)
+@pytest.mark.parametrize(("block_size", "head_dim"), [(16, 64), (8, 128), (32, 40), (1, 64)])
+@pytest.mark.parametrize("window", [None, 7])
+def test_decode_matches_twin(
+    seed, paged_batch, monkeypatch, heads, kv_heads, block_size, head_dim, window
+):
+    random.seed(seed)
+    # Ragged: tiny, not a multiple of the block size, several blocks.
+    lens = [1, random.randrange(2, 3 * block_size + 5), random.randrange(1, 200), 64]
+    batch = paged_batch(
+        [(n - 1, 1) for n in lens], heads, kv_heads, head_dim, block_size, torch.float32
+    )
+    scale = head_dim**-0.5
+    _check(_native(batch, scale, window), _reference(batch, scale, window, monkeypatch), seed)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), GROUPS)
+@pytest.mark.parametrize("window", [None, 100])
+def test_batch1_long_decode_splits_across_threads(
+    seed, paged_batch, monkeypatch, more_threads, heads, kv_heads, window
+):
+    """A single sequence with a long context: split into key ranges whose partial softmax
+    states are merged (a wrong merge weight or a lost part shows as a mismatch)."""
+    random.seed(seed)
+    ctx = random.randrange(1500, 2500)
+    batch = paged_batch([(ctx, 1)], heads, kv_heads, 64, 16, torch.float32)
+    _check(_native(batch, 0.125, window), _reference(batch, 0.125, window, monkeypatch), seed)
+
+
+def _extend_chunks(block_size: int) -> list[tuple[int, int]]:
+    """A fresh prefill, extends over a cached prefix (prefix-cache hit, chunked-prefill
+    continuation), a decode row, a chunk longer than one query tile; no length a multiple of
+    the block size."""
+    return [
+        (0, random.randrange(2, 30)),
+        (random.randrange(1, 3 * block_size), random.randrange(2, 12)),
+        (random.randrange(1, 3 * block_size), 1),
+        (random.randrange(1, block_size), random.randrange(70, 90)),
+        (random.randrange(100, 300), random.randrange(20, 40)),
+    ]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), GROUPS)
+@pytest.mark.parametrize(("block_size", "head_dim"), [(16, 64), (8, 128), (32, 40)])
+@pytest.mark.parametrize("window", [None, 1, 21])
+def test_extend_matches_twin(
+    seed, paged_batch, monkeypatch, heads, kv_heads, block_size, head_dim, window
+):
+    random.seed(seed)
+    batch = paged_batch(
+        _extend_chunks(block_size), heads, kv_heads, head_dim, block_size, torch.float32
+    )
+    scale = 0.3
+    _check(_native(batch, scale, window), _reference(batch, scale, window, monkeypatch), seed)
+
+
+def test_queries_may_be_a_strided_view(seed, paged_batch, monkeypatch):
+    """The model hands in q as a view into the fused qkv projection (rows strided)."""
+    random.seed(seed)
+    batch = paged_batch([*_extend_chunks(16), (40, 1)], 9, 3, 64, 16, torch.float32)
+    t = batch.q.shape[0]
+    qkv = torch.randn(t, 9 * 64 + 2 * 3 * 64)
+    qkv[:, : 9 * 64] = batch.q.reshape(t, -1)
+    batch.q = qkv[:, : 9 * 64].view(t, 9, 64)
+    assert not batch.q.is_contiguous()
+    _check(_native(batch, 0.125, None), _reference(batch, 0.125, None, monkeypatch), seed)
+
+
+def test_kernels_write_every_row(seed, paged_batch, monkeypatch):
+    """Called directly on a NaN-filled output: decode rows and chunk rows interleaved, each
+    kernel writes its own rows and nothing else is left unwritten."""
+    random.seed(seed)
+    chunks = [(30, 1), (0, 17), (5, 1), (40, 9), (100, 1)]
+    batch = paged_batch(chunks, 6, 2, 64, 16, torch.float32)
+    ref = _reference(batch, 0.2, None, monkeypatch)
+    plan = torch_ops._native_plan(batch.meta)
+    ops = cpu_native.native_ops()
+    out = torch.full_like(batch.q, float("nan"))
+    d, e = plan["decode"], plan["extend"]
+    ops.paged_decode(
+        out, batch.q, batch.cache.k, batch.cache.v, d["tables"], d["lens"], d["starts"], 0.2, 0
+    )
+    decode_rows = d["starts"].long()
+    assert not out[decode_rows].isnan().any()
+    assert out.isnan().flatten(1).all(1).sum() == batch.q.shape[0] - len(decode_rows)
+    ops.paged_extend(
+        out,
+        batch.q,
+        batch.cache.k,
+        batch.cache.v,
+        e["tables"],
+        e["lens"],
+        e["starts"],
+        e["qlens"],
+        0.2,
+        0,
+    )
+    _check(out, ref, seed)
+
+
+def test_quantised_and_non_cpu_float32_caches_stay_on_the_twin(paged_batch):
+    batch = paged_batch([(10, 1)], 4, 2, 16, 8, torch.float32, kv_dtype=torch.int8)
+    assert batch.cache.quantized and torch_ops._native_ops(batch.q, batch.cache) is None
+    batch = paged_batch([(10, 1)], 4, 2, 16, 8, torch.float16)
+    assert torch_ops._native_ops(batch.q, batch.cache) is None
