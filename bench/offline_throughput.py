@@ -1,6 +1,11 @@
 """Offline throughput on SmolLM2 (float32): kvmesh vs transformers vs vLLM's CPU build.
 
     .venv/bin/python bench/offline_throughput.py [--vllm-python /path/to/vllm-venv/bin/python]
+    .venv/bin/python bench/offline_throughput.py \
+        --engines kvmesh,kvmesh@bfloat16,vllm-bound,vllm-bound@bfloat16
+
+An engine name may carry ``@dtype`` (float32 by default): each engine at its best dtype for
+this CPU is then compared as well as both in float32.
 
 64 requests, prompts U[32, 512] tokens, outputs U[32, 256] tokens forced with ignore_eos,
 greedy. Every engine runs in its own subprocess on the same workload, one after the other, so
@@ -33,7 +38,7 @@ def run_kvmesh(args) -> dict:
 
     reqs = workload(args)
     t0 = time.perf_counter()
-    llm = LLM(str(resolve_model_dir(None)), max_num_seqs=args.num_requests)
+    llm = LLM(str(resolve_model_dir(None)), max_num_seqs=args.num_requests, dtype=args.dtype)
     load_s = time.perf_counter() - t0
     start = time.perf_counter()
     outs = llm.generate(
@@ -86,12 +91,11 @@ def run_hf(args) -> dict:
 VLLM_SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, {bench!r})
-from serving_harness import vllm_scratch_env
 from workloads import random_requests
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 reqs = random_requests({n}, (32, 512), (32, 256), seed={seed})
-llm = LLM(model={model!r}, dtype="float32", enable_prefix_caching=False, seed=0)
+llm = LLM(model={model!r}, dtype={dtype!r}, enable_prefix_caching=False, seed=0)
 start = time.perf_counter()
 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in reqs],
                     [SamplingParams(max_tokens=k, ignore_eos=True, temperature=0) for _, k in reqs])
@@ -101,7 +105,7 @@ print("RESULT " + json.dumps({{"elapsed_s": elapsed,
 """
 
 
-def run_vllm(args, bind_both_cores: bool) -> dict:
+def run_vllm(args, bind_both_cores: bool, dtype: str = "float32") -> dict:
     from kvmesh.replicas.model_files import resolve_model_dir
 
     scratch = Path(args.scratch)
@@ -116,6 +120,7 @@ def run_vllm(args, bind_both_cores: bool) -> dict:
         n=args.num_requests,
         seed=args.seed,
         model=str(resolve_model_dir(None)),
+        dtype=dtype,
     )
     # cwd outside the repository: its top-level folders (kernels/, router/...) would shadow
     # same-named packages that vLLM's dependencies import (transformers imports `kernels`).
@@ -154,6 +159,7 @@ def main() -> None:
     ap.add_argument("--vllm-python", default="/work/peers/vllm-venv/bin/python")
     ap.add_argument("--scratch", default="/tmp/kvmesh-bench-vllm")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         result = {"kvmesh": run_kvmesh, "hf": run_hf}[args.worker](args)
@@ -162,14 +168,18 @@ def main() -> None:
     total_prompt = sum(len(p) for p, _ in workload(args))
     results = []
     for name in args.engines.split(","):
-        if name.startswith("vllm"):
-            r = run_vllm(args, bind_both_cores=name == "vllm-bound")
+        engine, _, dtype = name.partition("@")
+        dtype = dtype or "float32"
+        if engine.startswith("vllm"):
+            r = run_vllm(args, bind_both_cores=engine == "vllm-bound", dtype=dtype)
         else:
             cmd = [
                 sys.executable,
                 __file__,
                 "--worker",
-                name,
+                engine,
+                "--dtype",
+                dtype,
                 "--num-requests",
                 str(args.num_requests),
                 "--seed",
@@ -182,6 +192,14 @@ def main() -> None:
             r = json.loads(line[7:]) if line else {"error": proc.stderr[-2000:]}
         results.append(summarize(name, r, total_prompt))
         print(json.dumps(results[-1]), file=sys.stderr)
+    done = [r for r in results if "total_tok_s" in r]
+    ratios = {
+        f"{a['engine']} / {b['engine']}": round(a["total_tok_s"] / b["total_tok_s"], 3)
+        for a in done
+        if a["engine"].startswith("kvmesh")
+        for b in done
+        if not b["engine"].startswith("kvmesh")
+    }
     ours = next((r for r in results if r["engine"] == "kvmesh" and "total_tok_s" in r), None)
     if ours:
         for r in results:
@@ -198,6 +216,7 @@ def main() -> None:
                     "seed": args.seed,
                 },
                 "results": results,
+                "total_tok_s_ratios": ratios,
             },
             indent=2,
         )

@@ -72,7 +72,7 @@ def _compiler_version(cxx: str) -> str:
     return out.splitlines()[0].strip() if out else "unknown"
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     """The CPU's feature flags (what ``-march=native`` compiles for), sorted."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -114,7 +114,7 @@ def build_inputs() -> dict[str, Any]:
         "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
         "compiler": f"{cxx}: {_compiler_version(cxx)}",
         "machine": platform.machine(),
-        "cpu_flags": _cpu_flags(),
+        "cpu_flags": cpu_flags(),
     }
 
 

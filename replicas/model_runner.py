@@ -23,6 +23,17 @@ from kvmesh.replicas.step_types import RunnerOutput, ScheduledChunk, SchedulerOu
 KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
+def kv_storage_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of an unquantised KV cache: the model's, except for a 16-bit model on a CPU,
+    whose cache stays float32. The CPU attention kernels read float32 (attention is a small
+    share of a CPU step next to the linear layers, which is where bfloat16 pays), and CPU
+    memory is rarely what limits the cache there. Q, K and V leave the 16-bit projection and
+    are rotated, stored and attended in float32 (``models/llama.py``)."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
+
+
 def kv_bytes_per_block(
     cfg: ModelArchConfig,
     block_size: int,
@@ -56,6 +67,7 @@ def allocate_kv_cache(
     heads = num_kv_heads or cfg.num_key_value_heads
     shape = (num_blocks, block_size, heads, cfg.head_dim)
     layers = []
+    dtype = kv_storage_dtype(dtype, device)
     for _ in range(cfg.num_hidden_layers):
         if kv_cache_dtype == "auto":
             layers.append(

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from kvmesh_testing import build_tiny_model
+
+# The suite's default engine dtype on a CPU is float32, the exact mode, whatever this CPU is:
+# its tests compare greedy tokens with transformers in float32. (On CPUs with AMX-BF16 or
+# AVX-512-BF16, dtype="auto" means bfloat16 for users; tests/engine/test_cpu_bf16.py covers
+# that path.) Set before anything starts Ray, so replicas inherit it.
+os.environ.setdefault("KVMESH_CPU_AUTO_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

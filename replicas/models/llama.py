@@ -65,10 +65,13 @@ class Attention(nn.Module):
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if not cache.quantized and cache.k.dtype != q.dtype:
+            # A 16-bit model over a float32 cache (CPU): attention runs in float32.
+            q, k, v = q.float(), k.float(), v.float()
         kernels.rotary_embedding(positions, q, k, self.cos_sin_cache)
         kernels.reshape_and_cache(k, v, cache, meta.slot_mapping)
         out = kernels.paged_attention(q, cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.o_proj(out.reshape(-1, self.q_size).to(x.dtype))
 
 
 class MLP(nn.Module):
