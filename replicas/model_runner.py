@@ -23,13 +23,13 @@ from kvmesh.replicas.step_types import RunnerOutput, ScheduledChunk, SchedulerOu
 KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
-def kv_storage_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+def kv_storage_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """The dtype of an unquantised KV cache: the model's, except for a 16-bit model on a CPU,
     whose cache stays float32. The CPU attention kernels read float32 (attention is a small
     share of a CPU step next to the linear layers, which is where bfloat16 pays), and CPU
     memory is rarely what limits the cache there. Q, K and V leave the 16-bit projection and
     are rotated, stored and attended in float32 (``models/llama.py``)."""
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+    if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return dtype
 
