@@ -46,26 +46,12 @@ def make_batch(chunks: list[tuple[int, int]], seed: int = 0):
     order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
     shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
     cache = KVCacheLayer(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
-    tables = torch.zeros(len(chunks), max(needed), dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(needed):
-        tables[i, :n] = torch.tensor(order[used : used + n], dtype=torch.int32)
+    tables, used = [], 0
+    for n in needed:
+        tables.append(order[used : used + n])
         used += n
-    qlens = [n for _, n in chunks]
-    slens = [c + n for c, n in chunks]
-    starts = torch.zeros(len(chunks) + 1, dtype=torch.int32)
-    starts[1:] = torch.cumsum(torch.tensor(qlens), 0)
-    meta = AttentionMetadata(
-        query_start_loc=starts,
-        seq_lens=torch.tensor(slens, dtype=torch.int32),
-        block_tables=tables,
-        slot_mapping=torch.full((sum(qlens),), -1, dtype=torch.int64),
-        max_query_len=max(qlens),
-        max_seq_len=max(slens),
-        query_lens_cpu=qlens,
-        seq_lens_cpu=slens,
-    )
-    q = torch.randn(sum(qlens), HEADS, HEAD_DIM, generator=g)
+    meta = AttentionMetadata.for_chunks(chunks, tables)
+    q = torch.randn(sum(meta.query_lens_cpu), HEADS, HEAD_DIM, generator=g)
     return q, cache, meta
 
 

@@ -83,25 +83,24 @@ def _client(address: str) -> _Client:
     return _Client(address)
 
 
-def merged_config(details: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
-    """``ours`` plus every application already deployed that is not one of ours (by name),
-    each exactly as it was deployed."""
-    names = {app["name"] for app in ours["applications"]}
-    others = [
+def other_apps(details: dict[str, Any], names: set[str]) -> list[dict[str, Any]]:
+    """Every deployed application not named in ``names``, exactly as it was deployed."""
+    return [
         app["deployed_app_config"]
         for name, app in (details.get("applications") or {}).items()
         if name not in names and app.get("deployed_app_config")
     ]
-    return {**ours, "applications": [*others, *ours["applications"]]}
+
+
+def merged_config(details: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """``ours`` plus every application already deployed that is not one of ours (by name)."""
+    names = {app["name"] for app in ours["applications"]}
+    return {**ours, "applications": [*other_apps(details, names), *ours["applications"]]}
 
 
 def remaining_config(details: dict[str, Any], names: set[str]) -> dict[str, Any] | None:
     """What stays deployed once ``names`` are gone; None if nothing does."""
-    keep = [
-        app["deployed_app_config"]
-        for name, app in (details.get("applications") or {}).items()
-        if name not in names and app.get("deployed_app_config")
-    ]
+    keep = other_apps(details, names)
     if not keep:
         return None
     config: dict[str, Any] = {"applications": keep}

@@ -33,6 +33,30 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
 
+    @classmethod
+    def for_chunks(
+        cls, chunks: list[tuple[int, int]], block_tables: list[list[int]]
+    ) -> AttentionMetadata:
+        """A step of ``(cached, new)`` token chunks over the given block tables, with no
+        cache writes (every slot -1): what kernel tests and microbenchmarks attend over."""
+        tables = torch.zeros(len(chunks), max(map(len, block_tables)), dtype=torch.int32)
+        for i, table in enumerate(block_tables):
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        qlens = [new for _, new in chunks]
+        slens = [cached + new for cached, new in chunks]
+        starts = torch.zeros(len(chunks) + 1, dtype=torch.int32)
+        starts[1:] = torch.cumsum(torch.tensor(qlens), 0)
+        return cls(
+            query_start_loc=starts,
+            seq_lens=torch.tensor(slens, dtype=torch.int32),
+            block_tables=tables,
+            slot_mapping=torch.full((sum(qlens),), -1, dtype=torch.int64),
+            max_query_len=max(qlens),
+            max_seq_len=max(slens),
+            query_lens_cpu=qlens,
+            seq_lens_cpu=slens,
+        )
+
 
 @dataclass
 class KVCacheLayer:

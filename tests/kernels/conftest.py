@@ -129,25 +129,8 @@ def make_paged_batch(
     kernel_cache = KVCacheLayer(*(kernel for kernel, _ in pairs))
     twin_cache = KVCacheLayer(*(twin for _, twin in pairs))
 
-    max_blocks = max(needed)
-    block_tables = torch.zeros(len(chunks), max_blocks, dtype=torch.int32)
-    for i, table in enumerate(tables):
-        block_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    qlens = [new for _, new in chunks]
-    slens = [ctx + new for ctx, new in chunks]
-    starts = torch.zeros(len(chunks) + 1, dtype=torch.int32)
-    starts[1:] = torch.cumsum(torch.tensor(qlens), 0)
-    meta = AttentionMetadata(
-        query_start_loc=starts,
-        seq_lens=torch.tensor(slens, dtype=torch.int32),
-        block_tables=block_tables,
-        slot_mapping=torch.full((sum(qlens),), -1, dtype=torch.int64),
-        max_query_len=max(qlens),
-        max_seq_len=max(slens),
-        query_lens_cpu=qlens,
-        seq_lens_cpu=slens,
-    )
-    q = torch.randn(sum(qlens), num_heads, head_dim, dtype=dtype)
+    meta = AttentionMetadata.for_chunks(chunks, tables)
+    q = torch.randn(sum(meta.query_lens_cpu), num_heads, head_dim, dtype=dtype)
     return PagedBatch(q, kernel_cache, twin_cache, meta)
 
 
