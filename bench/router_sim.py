@@ -30,7 +30,9 @@ Policies (all see the same arrivals):
 
 Ablations (``--policies``): ``ours_4routers`` (four independent routers, as four ingress
 replicas, each request to one at random), ``ours_no_speculation``, ``ours_no_acks`` (replicas do
-not acknowledge; the router's own requests count for ``pending_ttl_s``).
+not acknowledge; the router's own requests count for ``pending_ttl_s``), ``ours_queue_limit``,
+``ours_eviction_cut`` and ``ours_issue15`` (both): issue #15's opt-in changes,
+``queue_soft_limit`` 2048 and ``eviction_aware``.
 
 Writes ``bench/out/router_sim.json`` and ``bench/out/router_sim.png`` (TTFT p90 and prefix hit
 rate against request rate).
@@ -584,6 +586,10 @@ VARIANTS = {
     "ours_4routers": ({}, 4, True),
     "ours_no_speculation": ({"speculative_ttl_s": 1e-9}, 1, True),
     "ours_no_acks": ({}, 1, False),
+    # Issue #15's two opt-in changes (both off by default), alone and together.
+    "ours_queue_limit": ({"queue_soft_limit": 2048.0}, 1, True),
+    "ours_eviction_cut": ({"eviction_aware": True}, 1, True),
+    "ours_issue15": ({"queue_soft_limit": 2048.0, "eviction_aware": True}, 1, True),
 }
 """Ablations of ``ours``: RouterConfig overrides, number of routers, replicas acknowledge."""
 

@@ -46,6 +46,31 @@ class RouterConfig(BaseModel):
         ge=0.0,
         description="Weight of each prefill token queued at the replica (it runs before ours).",
     )
+    queue_soft_limit: float | None = Field(
+        default=None,
+        ge=0.0,
+        description=(
+            "Queued prefill tokens past which each further queued token weighs "
+            "``queue_over_factor`` x ``queue_weight`` (None: linear). Meant to shed a hot "
+            "prefix from its owner to a second replica once the owner's queue is long and to "
+            "take it back when the queue drains: ``miss_weight`` charges a miss twice, so with "
+            "a linear queue term the owner keeps the prefix until its queue is ``miss_weight`` "
+            "x the prefix longer than the next replica's. Off by default (issue #15): at 2048 "
+            "it cost 5% of the rate sustainable at the 5 s TTFT SLO in the 16-replica sim "
+            "(33.1 vs 34.8 req/s; 29.5 vs 32.0 at 2 s: the extra spreading lowered the hit "
+            "rate), and replayed over the 2-replica CPU run's decision log it moved 1 of 215 "
+            "decisions: there the slow requests' other replica was no faster, queue for "
+            "queue, once its recomputation was counted."
+        ),
+    )
+    queue_over_factor: float = Field(
+        default=2.0,
+        ge=1.0,
+        description=(
+            "Past ``queue_soft_limit`` a queued token weighs this x ``queue_weight``: 2 makes "
+            "it weigh what a missed token does (``miss_weight``) with the default weights."
+        ),
+    )
     decode_weight: float = Field(
         default=24.0,
         ge=0.0,
@@ -70,6 +95,36 @@ class RouterConfig(BaseModel):
         default=4096.0,
         ge=0.0,
         description="Penalty (token equivalents) at full KV usage, quadratic from the soft limit.",
+    )
+    eviction_aware: bool = Field(
+        default=False,
+        description=(
+            "Cut a replica's predicted cached prefix where the work queued ahead would evict "
+            "it before the request is admitted (see ``PrefixIndex.surviving``): the replica "
+            "reports what it holds now, but with a full cache every block it stores pushes out "
+            "its least recently used one. On the 2-replica CPU run (384 blocks per replica, "
+            "issue #15) 18 of 215 decisions predicted >256 more cached tokens than the replica "
+            "then had, the worst a 2,400-token 'hit' that became a full prefill behind a long "
+            "queue (33.8 s TTFT). Off by default: in the 16/64-replica sim it never fires "
+            "(identical results), and in a 2-replica sim with the real run's 384-block caches "
+            "it was mixed to worse on overloaded runs (seed 0: TTFT p90 15.7 -> 19.6 s at 0.3 "
+            "req/s, 85 -> 70 s at 0.35; seed 2 worse at every rate; seed 1 unchanged): with "
+            "queues longer than the cache it "
+            "cuts nearly every unpinned prefix (predicted hit rate 0.27 against 0.52 found), "
+            "which breaks locality as a tight imbalance guard does."
+        ),
+    )
+    eviction_horizon: float = Field(
+        default=1.0,
+        gt=0.0,
+        description=(
+            "A prefix block counts as surviving while (blocks stored on the replica since its "
+            "last use + blocks the queued work will store) < this x the replica's cache size "
+            "(the most entries it has held since it first reported an eviction). Below 1 is "
+            "more pessimistic: blocks "
+            "held by running requests are not evictable, so the free LRU is smaller than the "
+            "cache, but the most recently used blocks are mostly those held ones."
+        ),
     )
     tie_tolerance: float = Field(
         default=8.0,

@@ -40,6 +40,9 @@ from kvmesh.router.routing.wire import block_key, parse_report
 
 log = logging.getLogger(__name__)
 
+_PIN_BACKSTOP_S = 300.0
+"""A request whose completion we never heard of stops pinning its prefix after this."""
+
 
 class PrefixRouterCore:
     """Prefix index + load estimates + policy, for one routing process."""
@@ -65,6 +68,9 @@ class PrefixRouterCore:
         self._last_stats: dict[Hashable, Mapping[str, Any]] = {}
         self._unhealthy: set[Hashable] = set()
         self._sessions: OrderedDict[str, tuple[Hashable, float]] = OrderedDict()
+        # request_id -> (replica, prompt keys, routed at): our requests in flight, whose
+        # prefix blocks their replica will not evict (see PrefixIndex.pin).
+        self._pins: OrderedDict[str, tuple[Hashable, Sequence[bytes], float]] = OrderedDict()
         self._seq = 0
         self._warned_block_size = False
 
@@ -86,6 +92,8 @@ class PrefixRouterCore:
             self.loads.remove_replica(replica)
             self._hit_counters.pop(replica, None)
             self._last_stats.pop(replica, None)
+            for request_id in [k for k, v in self._pins.items() if v[0] == replica]:
+                del self._pins[request_id]
             self._unhealthy.discard(replica)
 
     def set_replicas(self, replicas: Iterable[Hashable]) -> None:
@@ -174,6 +182,7 @@ class PrefixRouterCore:
         with self._lock:
             now = self._clock()
             self.index.expire(now)
+            self._expire_pins(now)
             pool = list(self._sync) if candidates is None else list(candidates)
             # Never an unhealthy replica while a healthy one is left.
             pool = [r for r in pool if r not in self._unhealthy] or pool
@@ -185,7 +194,17 @@ class PrefixRouterCore:
             # The engine always computes the prompt's last token, so a fully cached prompt
             # still leaves one token of prefill.
             cap = max(num_prompt_tokens - 1, 0)
-            cands = [Candidate(r, min(matched[r] * bs, cap), self.loads.load(r, now)) for r in pool]
+            cands = []
+            for r in pool:
+                load = self.loads.load(r, now)
+                n = matched[r]
+                reported = None
+                if self.config.eviction_aware and n:
+                    reported = min(n * bs, cap)
+                    n = self.index.surviving(
+                        r, keys, n, load.queued_tokens / bs, self.config.eviction_horizon
+                    )
+                cands.append(Candidate(r, min(n * bs, cap), load, reported))
             sticky = self._sticky(session_id, now)
             decision = decide(num_prompt_tokens, cands, self.config, self._rng, sticky)
             return replace(decision, keys=keys)
@@ -270,11 +289,35 @@ class PrefixRouterCore:
             keys = [block_key(h) for h in block_hashes]
         self.index.speculate(replica, keys, now, self.config.speculative_ttl_s)
         self.loads.on_routed(replica, request_id, seq, num_prompt_tokens - hit, now)
+        self._unpin(request_id, released=False)  # a retry, or Serve chose another replica
+        if keys:
+            self.index.touch(replica, keys)
+            self.index.pin(replica, keys, +1)
+            self._pins[request_id] = (replica, keys, now)
         return hit
+
+    def _unpin(self, request_id: str, *, released: bool) -> None:
+        entry = self._pins.pop(request_id, None)
+        if entry is None:
+            return
+        replica, keys, _ = entry
+        self.index.pin(replica, keys, -1)
+        if released:
+            # A finished request's blocks go to the tail of the replica's LRU.
+            self.index.touch(replica, keys)
+
+    def _expire_pins(self, now: float) -> None:
+        pins = self._pins
+        while pins:
+            request_id, (_, _, routed_at) = next(iter(pins.items()))
+            if now - routed_at <= _PIN_BACKSTOP_S:
+                break
+            self._unpin(request_id, released=False)
 
     def on_completed(self, request_id: str) -> None:
         with self._lock:
             self.loads.on_completed(request_id)
+            self._unpin(request_id, released=True)
 
     # ---- sessions -----------------------------------------------------------------------
     def _sticky(self, session_id: str | None, now: float) -> Hashable | None:

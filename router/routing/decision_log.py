@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmesh.router.routing.config import RouterConfig
-from kvmesh.router.routing.policy import Decision, kv_term
+from kvmesh.router.routing.policy import Decision, kv_term, queue_term
 
 
 @dataclass
@@ -49,6 +49,8 @@ class CandidateTerms:
     decode_cost: float
     kv_cost: float
     cost: float
+    reported_hit_tokens: int | None = None
+    """What the index matched before the eviction cut (``hit_tokens`` is after it)."""
 
 
 @dataclass
@@ -79,7 +81,7 @@ def candidate_terms(decision: Decision, num_prompt_tokens: int, config: RouterCo
     out = []
     for cand in decision.candidates:
         miss = config.miss_weight * max(num_prompt_tokens - cand.hit_tokens, 0)
-        queue = config.queue_weight * cand.load.queued_tokens
+        queue = queue_term(cand.load.queued_tokens, config)
         decode = config.decode_weight * cand.load.resident
         kv = kv_term(cand.load.kv_usage, config)
         out.append(
@@ -94,6 +96,7 @@ def candidate_terms(decision: Decision, num_prompt_tokens: int, config: RouterCo
                 decode_cost=decode,
                 kv_cost=kv,
                 cost=miss + queue + decode + kv,
+                reported_hit_tokens=cand.reported_hit_tokens,
             )
         )
     return out

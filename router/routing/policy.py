@@ -2,13 +2,19 @@
 
 ``cost = miss_weight * uncached prompt tokens``
 ``     + queue_weight * prefill tokens queued there``
+``     + (queue_over_factor - 1) * queue_weight * queued tokens past queue_soft_limit``
 ``     + decode_weight * requests resident there``
 ``     + kv_penalty * ((kv_usage - kv_soft_limit) / (1 - kv_soft_limit))^2  (above the limit)``
 
 The first two terms are, up to a constant, the request's time to first token on that replica
-(prefill is serial, so our prefill waits behind the queued one). The third prices the decode
-work sharing every step with us and the conversations likely to return there. The fourth keeps
-requests away from a replica about to evict or preempt.
+(prefill is serial, so our prefill waits behind the queued one). The miss weighs more than a
+queued token because a miss also takes cache space from the replica's other conversations;
+optionally (``queue_soft_limit``, off by default) queued tokens past a limit weigh as much as
+missed ones, so a hot prefix spreads to a second replica once its owner's queue is long, and
+returns when the queue drains. "Uncached" counts the prefix the replica is predicted to still
+hold when the request is admitted (``PrefixIndex.surviving``), not just what it reported. The
+third term prices the decode work sharing every step with us and the conversations likely to
+return there. The fourth keeps requests away from a replica about to evict or preempt.
 
 The lowest cost wins; near-ties (``tie_tolerance``) are broken at random. Two overrides:
 
@@ -49,7 +55,10 @@ class Reason(StrEnum):
 class Candidate:
     replica: Hashable
     hit_tokens: int
+    """Predicted cached prompt tokens when the request is admitted (what the cost uses)."""
     load: ReplicaLoad
+    reported_hit_tokens: int | None = None
+    """The index's match before the eviction cut (None: no cut was considered)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,16 @@ def load_term(load: ReplicaLoad, config: RouterConfig) -> float:
     return config.queue_weight * load.queued_tokens + config.decode_weight * load.resident
 
 
+def queue_term(queued_tokens: float, config: RouterConfig) -> float:
+    """The queue term of the cost: linear up to ``queue_soft_limit``, steeper past it."""
+    cost = config.queue_weight * queued_tokens
+    limit = config.queue_soft_limit
+    if limit is not None and queued_tokens > limit:
+        excess = queued_tokens - limit
+        cost += (config.queue_over_factor - 1.0) * config.queue_weight * excess
+    return cost
+
+
 def kv_term(kv_usage: float, config: RouterConfig) -> float:
     soft = config.kv_soft_limit
     if kv_usage <= soft or soft >= 1.0:
@@ -89,7 +108,8 @@ def cost(num_prompt_tokens: int, cand: Candidate, config: RouterConfig) -> float
     miss = max(num_prompt_tokens - cand.hit_tokens, 0)
     return (
         config.miss_weight * miss
-        + load_term(cand.load, config)
+        + queue_term(cand.load.queued_tokens, config)
+        + config.decode_weight * cand.load.resident
         + kv_term(cand.load.kv_usage, config)
     )
 
@@ -109,12 +129,13 @@ def decide(
     loads: dict[Hashable, float] = {}
     miss_weight = config.miss_weight
     for c in candidates:
-        load = load_term(c.load, config)
-        loads[c.replica] = load
+        # The guard and tie-breaks compare the linear load; the cost uses the queue term.
+        loads[c.replica] = load_term(c.load, config)
         hits[c.replica] = c.hit_tokens
         costs[c.replica] = (
             miss_weight * max(num_prompt_tokens - c.hit_tokens, 0)
-            + load
+            + queue_term(c.load.queued_tokens, config)
+            + config.decode_weight * c.load.resident
             + kv_term(c.load.kv_usage, config)
         )
 

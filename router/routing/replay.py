@@ -29,9 +29,17 @@ from kvmesh.router.routing.load import ReplicaLoad
 from kvmesh.router.routing.policy import Candidate, decide
 
 
-def candidates_of(record: DecisionRecord) -> list[Candidate]:
+def candidates_of(record: DecisionRecord, config: RouterConfig | None = None) -> list[Candidate]:
+    """What was ranked. The eviction cut (``eviction_aware``) needs the index's LRU state, which
+    the log does not hold: a replay keeps the logged (cut) hits, or with ``eviction_aware``
+    off takes the index's uncut match where the log has it."""
+    uncut = config is not None and not config.eviction_aware
     return [
-        Candidate(c.replica, c.hit_tokens, ReplicaLoad(c.queued_tokens, c.resident, c.kv_usage))
+        Candidate(
+            c.replica,
+            c.reported_hit_tokens if uncut and c.reported_hit_tokens is not None else c.hit_tokens,
+            ReplicaLoad(c.queued_tokens, c.resident, c.kv_usage),
+        )
         for c in record.candidates
     ]
 
@@ -47,7 +55,9 @@ def replay(records: Iterable[DecisionRecord], config: RouterConfig) -> dict[str,
         if not rec.candidates:
             continue
         n += 1
-        decision = decide(rec.num_prompt_tokens, candidates_of(rec), config, rng, rec.sticky)
+        decision = decide(
+            rec.num_prompt_tokens, candidates_of(rec, config), config, rng, rec.sticky
+        )
         reasons[decision.reason.value] += 1
         old = rec.chosen or rec.best
         new = decision.best

@@ -1,0 +1,221 @@
+"""Issue #15: the tail cases found in the 2-replica CPU run's decision log, replayed as scripted
+arrivals and replica reports against the Ray-free core.
+
+(b) Stale prediction after eviction: a replica's report says it holds a tenant's prefix, but its
+    cache is full and the work queued ahead of a new request will push that prefix out before
+    the request is admitted (the run's worst request: 2,400 tokens predicted cached, 0 found,
+    33.8 s). The replica here is a real ``BlockPool``, so "what it then had" is the engine's
+    own LRU, not an assumption of the test. ``eviction_aware`` (off by default, see
+    RouterConfig for the simulations behind that) cuts the prediction.
+(a) Hot-tenant pile-up: the owner of a hot prefix keeps winning while its queue grows, because
+    its cached tokens outweigh the other replica's shorter queue. ``queue_soft_limit`` (off by
+    default, see RouterConfig) sheds the prefix to a second replica past the limit and takes
+    it back once the queue drains.
+"""
+
+from __future__ import annotations
+
+from router_testing import BS, FakeClock, FakeReplica, hashes, idle_load, make_core, prompt
+
+from kvmesh.replicas.kv.block_pool import BlockPool
+from kvmesh.router.routing import RouterConfig
+
+LEGACY = {"eviction_aware": False, "queue_soft_limit": None}
+"""The policy before issue #15 (and the defaults)."""
+AWARE = {"eviction_aware": True}
+
+
+class PooledReplica(FakeReplica):
+    """A fake replica whose cache is a real block pool: serving a prompt hits its cached
+    prefix, computes and caches the rest, then releases it (tail first), as the engine does."""
+
+    def __init__(self, name: str, clock: FakeClock, num_blocks: int) -> None:
+        super().__init__(name, clock)
+        self.pool = BlockPool(num_blocks=num_blocks + 1)  # block 0 is the null block
+        self.pool.record_events(True)
+
+    def cached_prefix_tokens(self, tokens: list[int]) -> int:
+        n = 0
+        for h in hashes(tokens):
+            if self.pool.get_cached(h) is None:
+                break
+            n += 1
+        return n * BS
+
+    def serve(self, tokens: list[int]) -> int:
+        """Run one request to completion; returns the prompt tokens it found cached."""
+        hs = hashes(tokens)
+        hit = self.cached_prefix_tokens(tokens) // BS
+        shared = [self.pool.get_cached(h) for h in hs[:hit]]
+        self.pool.touch(shared)
+        fresh = self.pool.allocate(len(hs) - hit)
+        parent = hs[hit - 1] if hit else None
+        for blk, h in zip(fresh, hs[hit:], strict=True):
+            self.pool.cache(blk, h, parent, BS)
+            parent = h
+        self.pool.release(reversed(shared + fresh))
+        return hit * BS
+
+    def flush(self, core) -> None:
+        core.apply_report(self.name, self.report(self.pool.drain_events()))
+
+
+def _route(core, tokens, **kw):
+    return core.route(hashes(tokens), len(tokens), **kw)
+
+
+def _full_cache_holding_an_old_prefix(**overrides):
+    """Replica "a" (64 blocks) has cached tenant 7's 20-block prefix, then 44 blocks of other
+    tenants' work, which evicted everything older: the prefix is intact and reported, but it
+    is now the least recently used content. Replica "b" is idle and cold."""
+    clock = FakeClock()
+    core = make_core(clock, **overrides)
+    a = PooledReplica("a", clock, num_blocks=64)
+    b = FakeReplica("b", clock)
+    core.set_replicas(["a", "b"])
+    core.apply_report("b", b.report())
+    a.serve(prompt(100, 10 * BS))  # oldest: evicted first
+    a.flush(core)
+    tenant = prompt(7, 20 * BS)
+    a.serve(tenant)
+    a.flush(core)
+    for t in range(4):  # 4 x 11 blocks: the cache fills and starts evicting
+        a.serve(prompt(200 + t, 11 * BS))
+        a.flush(core)
+    assert a.cached_prefix_tokens(tenant) == 20 * BS
+    assert core.index.capacity("a") == 64  # learned once it reported evictions
+    # 320 prefill tokens (20 blocks) are queued at "a" ahead of anything sent now.
+    a.load = idle_load(num_requests_waiting=1, pending_prefill_tokens=20 * BS)
+    a.flush(core)
+    return core, a, b, tenant
+
+
+def test_stale_hit_after_eviction_is_not_trusted():
+    """The router used to send the tenant's next request to "a" for its 320 'cached' tokens;
+    the queued work evicted them first, so it paid a full prefill behind that queue. Now the
+    prefix counts as evicted and the request goes to the idle replica."""
+    request = prompt(7, 20 * BS, suffix=1)  # the prefix + 20 tokens of its own
+
+    core, a, _, _ = _full_cache_holding_an_old_prefix(**LEGACY)
+    old = _route(core, request)
+    assert old.best == "a" and old.hit_tokens["a"] == 20 * BS
+    core, a, _, _ = _full_cache_holding_an_old_prefix()  # the defaults: as before
+    assert _route(core, request).best == "a"
+
+    core, a, _, tenant = _full_cache_holding_an_old_prefix(**AWARE)
+    new = _route(core, request)
+    assert new.best == "b", new.costs
+    assert new.hit_tokens["a"] == 0
+    rec = {c.replica: c for c in new.candidates}
+    assert rec["a"].reported_hit_tokens == 20 * BS  # the report's view, kept for the log
+
+    # What the old prediction would have found: "a" works off its queue (20 blocks of other
+    # tenants' prompts), and the engine's LRU evicts the whole prefix.
+    a.serve(prompt(300, 20 * BS))
+    assert a.cached_prefix_tokens(tenant) == 0
+    assert a.serve(request) == 0  # had the request gone there: a full prefill
+    a.flush(core)
+
+
+def test_recent_or_pinned_prefix_is_still_trusted():
+    """The cut is for prefixes the replica is about to evict, not for hot ones: a prefix a
+    request of ours is using there (in flight), or one used since the other work, keeps its
+    prediction, and so does everything before the replica's first eviction."""
+    request = prompt(7, 20 * BS, suffix=1)
+
+    # In flight: one of our requests with the same prefix is queued or running at "a".
+    core, a, _, tenant = _full_cache_holding_an_old_prefix(**AWARE)
+    d = _route(core, prompt(7, 20 * BS, suffix=2))
+    core.on_routed("a", "mine", hashes(prompt(7, 20 * BS, suffix=2)), 20 * BS + 20, d)
+    after = _route(core, request)
+    assert after.hit_tokens["a"] == 20 * BS
+    # Completed: its blocks went to the LRU tail, so the prefix is recent now.
+    core.on_completed("mine")
+    assert _route(core, request).hit_tokens["a"] == 20 * BS
+
+    # Used again by the replica (its report re-stores nothing, but a hit refreshes the LRU:
+    # here, the router saw the tenant's request complete there).
+    core, a, _, tenant = _full_cache_holding_an_old_prefix(**AWARE)
+    a.serve(tenant)
+    a.flush(core)
+    core.on_routed("a", "x", hashes(tenant), len(tenant), None)
+    core.on_completed("x")
+    assert _route(core, request).hit_tokens["a"] == 20 * BS
+
+    # No eviction reported yet: the cache is not full, nothing is cut.
+    clock = FakeClock()
+    core = make_core(clock, **AWARE)
+    a = PooledReplica("a", clock, num_blocks=1000)
+    core.set_replicas(["a", "b"])
+    a.serve(tenant)
+    for t in range(20):
+        a.serve(prompt(200 + t, 11 * BS))
+    a.load = idle_load(num_requests_waiting=5, pending_prefill_tokens=5000)
+    a.flush(core)
+    assert core.index.capacity("a") is None
+    assert _route(core, request).hit_tokens["a"] == 20 * BS
+
+
+def test_cut_shrinks_with_the_queue_ahead():
+    """Blocks are cut from where the survivors end: the shorter the queue, the more survives."""
+    core, a, _, _ = _full_cache_holding_an_old_prefix(**AWARE)
+    request = prompt(7, 20 * BS, suffix=1)
+    # Age of the prefix: 44 blocks stored since; capacity 64 -> 19 more blocks keep it.
+    for queued_blocks, expect in ((0, 20 * BS), (19, 20 * BS), (20, 0), (40, 0)):
+        a.load = idle_load(num_requests_waiting=1, pending_prefill_tokens=queued_blocks * BS)
+        a.flush(core)
+        assert _route(core, request).hit_tokens["a"] == expect, queued_blocks
+
+
+def _hot_owner(**overrides):
+    clock = FakeClock()
+    core = make_core(clock, **overrides)
+    reps = {n: FakeReplica(n, clock) for n in ("owner", "other")}
+    core.set_replicas(reps)
+    hot = prompt(1, 2400)  # the popular tenant's 2,400-token system prompt
+    core.apply_report("owner", reps["owner"].report(_stored(hot)))
+    core.apply_report("other", reps["other"].report(_stored(prompt(2, 1712))))
+    return core, reps, hot
+
+
+def _stored(tokens):
+    from router_testing import stored
+
+    return stored(hashes(tokens))
+
+
+def test_hot_prefix_spreads_past_the_queue_limit_and_returns_when_it_drains():
+    """Owner's queue (prefill tokens) over time, as its reports say; the other replica is idle
+    and does not hold the hot prefix. Each step routes one request of the hot tenant."""
+    timeline = [500, 1500, 3000, 4000, 4600, 2500, 1000]
+    picks = {}
+    for name, overrides in (
+        ("legacy", LEGACY),
+        ("default", {}),
+        ("limited", {"queue_soft_limit": 2048.0}),
+    ):
+        core, reps, hot = _hot_owner(**overrides)
+        picks[name] = []
+        for i, queued in enumerate(timeline):
+            reps["owner"].load = idle_load(
+                num_requests_running=2, num_requests_waiting=3, pending_prefill_tokens=queued
+            )
+            core.apply_report("owner", reps["owner"].report())
+            d = _route(core, [*hot, *range(60_000 + 100 * i, 60_000 + 100 * i + 100)])
+            picks[name].append(d.best)
+    # Before: the 2,400 cached tokens beat an idle replica until the owner's queue is ~4,800
+    # tokens longer (17 s at the CPU replica's 280 tokens/s).
+    assert picks["legacy"] == ["owner"] * len(timeline)
+    assert picks["default"] == picks["legacy"]  # the limit is off by default (RouterConfig)
+    # With the limit: spreads while the owner's queue is past ~3,400 tokens, comes back after.
+    assert picks["limited"] == ["owner", "owner", "owner", "other", "other", "owner", "owner"]
+
+
+def test_queue_term_is_linear_up_to_the_limit():
+    from kvmesh.router.routing.policy import queue_term
+
+    cfg = RouterConfig(queue_soft_limit=2048.0, queue_over_factor=2.0)
+    assert queue_term(1000, cfg) == 1000
+    assert queue_term(2048, cfg) == 2048
+    assert queue_term(3048, cfg) == 2048 + 2 * 1000
+    assert queue_term(3048, RouterConfig()) == 3048
