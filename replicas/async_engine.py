@@ -204,6 +204,7 @@ class AsyncLLM:
         if not self._accepting:
             raise EngineOverloadedError("the replica is shutting down")
         params = params or SamplingParams()
+        await self.prepare_structured(params)
         checked = self.engine.input_processor.process(prompt, params, prompt_token_ids)
         text, ids = checked.prompt, checked.token_ids
         request_id = request_id or f"req-{next(self._ids)}"
@@ -239,6 +240,13 @@ class AsyncLLM:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    async def prepare_structured(self, params: SamplingParams) -> None:
+        """Compile the request's grammar on a worker thread (a ``ValueError`` if it is bad or
+        too slow to compile), so the engine thread only ever finds it cached. Returns at
+        once, without yielding to the loop, when it is cached already."""
+        if params.structured_outputs is not None:
+            await self.engine.structured.compile_async(params.structured_outputs)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

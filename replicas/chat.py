@@ -17,27 +17,38 @@ import secrets
 from functools import lru_cache
 from typing import Any
 
+from kvmesh.replicas.tool_calls import render_messages
+
 
 class ChatTemplateError(ValueError):
     """The template refused the conversation (its own ``raise_exception``), or cannot be used."""
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
-    """(rendered text, token ids) of ``messages`` with the assistant cue appended."""
+def encode_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> tuple[str, list[int]]:
+    """(rendered text, token ids) of ``messages`` with the assistant cue appended; ``tools``
+    (OpenAI's shape) are offered to the model (``tool_calls.render_messages``)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError("this model has no chat template: send a prompt instead")
-    text = _render(tokenizer, messages)
+    messages, tools = render_messages(messages, tools, tokenizer.chat_template)
+    messages = [{**m, "content": m.get("content") or ""} for m in messages]
+    text = _render(tokenizer, messages, tools)
     specials = _special_strings(tokenizer)
     if not any(s in m["content"] for m in messages for s in specials):
         return text, tokenizer.encode(text, add_special_tokens=False)
-    return text, _encode_with_literal_contents(tokenizer, messages, text)
+    return text, _encode_with_literal_contents(tokenizer, messages, text, tools)
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def _render(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> str:
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
+        )
     except TemplateError as exc:  # the template's own message: meant for the caller
         raise ChatTemplateError(f"the chat template rejected the messages: {exc}") from None
 
@@ -51,12 +62,15 @@ def _special_strings(tokenizer: Any) -> tuple[str, ...]:
 
 
 def _encode_with_literal_contents(
-    tokenizer: Any, messages: list[dict[str, str]], text: str
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    text: str,
+    tools: list[dict[str, Any]] | None,
 ) -> list[int]:
     nonce = secrets.token_hex(8)
     marks = [f"\u2063kvmesh{nonce}-{i}\u2063" for i in range(len(messages))]
     shaped = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
-    frame = _render(tokenizer, shaped)
+    frame = _render(tokenizer, shaped, tools)
     # Split the frame at the placeholders: template text and message text alternate.
     pieces: list[tuple[str, bool]] = []  # (text, is_message_content)
     rest = frame

@@ -183,6 +183,11 @@ class LLMServer:
             self._cache_reporter.on_request(req)
         if self.options.debug_hooks and req.debug_fault is not None:
             self._inject_fault(req)
+        try:  # a grammar compiles off the engine thread, before the request is queued
+            await self.engine.prepare_structured(req.params)
+        except ValueError as exc:
+            yield self._error_for(exc)
+            return
         # max_tokens None: as many as fit (the engine's input processor decides).
         stream = self.engine.generate(
             req.prompt,

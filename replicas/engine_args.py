@@ -38,3 +38,15 @@ class EngineArgs(BaseModel):
         description="Serving: warm the engine up (kernels, a short prefill and decode) before "
         "the replica reports ready, so its first request runs at steady-state speed.",
     )
+    structured_outputs_compile_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Structured output: a schema, regex or grammar that takes longer than this "
+        "to compile is refused (400) instead of holding its request.",
+    )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+        default="auto",
+        description="How tool calls are found in a model's output with tool_choice=auto: "
+        "hermes (<tool_call> JSON: Qwen, Hermes, and models whose template knows no tools), "
+        "llama3_json (Llama 3.x), or auto (from the chat template).",
+    )

@@ -111,10 +111,13 @@ class InputProcessor:
             return None, list(prompt)
         raise InputError(f"prompt must be a string, a list of token ids or a dict, got {prompt!r}")
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
-        """The conversation through the model's chat template, with the assistant cue."""
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[str, list[int]]:
+        """The conversation (and the tools offered) through the model's chat template,
+        with the assistant cue."""
         try:
-            return encode_chat(self.tokenizer, messages)
+            return encode_chat(self.tokenizer, messages, tools)
         except ChatTemplateError as exc:
             raise InputError(f"messages: {exc}", param="messages") from None
 

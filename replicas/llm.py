@@ -35,23 +35,31 @@ class LLM:
         # Check everything first so a bad prompt leaves nothing half-submitted.
         inputs = self.engine.input_processor
         tokenized = [inputs.tokenize(p) for p in prompts]
-        for (_, ids), sp in zip(tokenized, params, strict=True):
-            inputs.validate(ids, sp)
+        self._validate(tokenized, params)
         return self._run(tokenized, params)
 
     def chat(
         self,
-        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (or a list of them)."""
+        """Apply the model's chat template to one conversation (or a list of them), offering
+        ``tools`` (OpenAI's shape) to the model; ``kvmesh.replicas.tool_calls.parse`` finds
+        the calls in the output."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         params = self._params_list(sampling_params, len(conversations))
         inputs = self.engine.input_processor
-        tokenized = [(None, inputs.encode_chat(c)[1]) for c in conversations]
-        for (_, ids), sp in zip(tokenized, params, strict=True):
-            inputs.validate(ids, sp)
+        tokenized = [(None, inputs.encode_chat(c, tools)[1]) for c in conversations]
+        self._validate(tokenized, params)
         return self._run(tokenized, params)
+
+    def _validate(self, tokenized, params: list[SamplingParams]) -> None:
+        """Check every request (and compile its grammar) before any is submitted."""
+        for (_, ids), sp in zip(tokenized, params, strict=True):
+            self.engine.input_processor.validate(ids, sp)
+            if sp.structured_outputs is not None:
+                self.engine.structured.compile(sp.structured_outputs)
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()

@@ -44,6 +44,7 @@ from kvmesh.replicas.outputs import RequestOutput
 from kvmesh.replicas.request import Request
 from kvmesh.replicas.sampling_params import SamplingParams
 from kvmesh.replicas.scheduler import FaultInjector, Scheduler
+from kvmesh.replicas.structured import StructuredOutputCompiler
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,12 @@ class LLMEngine:
             hasher,
             kv_capacity_tokens=self.kv.capacity_tokens,
         )
+        self.structured = StructuredOutputCompiler(
+            self.tokenizer,
+            self.arch.vocab_size,
+            self.eos_token_ids,
+            compile_timeout_s=args.structured_outputs_compile_timeout_s,
+        )
         self.scheduler = Scheduler(
             self.kv,
             args.max_num_seqs,
@@ -133,6 +140,7 @@ class LLMEngine:
             args.enable_chunked_prefill,
             eos_token_ids=self.eos_token_ids,
             max_model_len=self.max_model_len,
+            allocate_bitmask=self.structured.allocate_bitmask,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -232,6 +240,9 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.scheduler.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        grammar = None
+        if params.structured_outputs is not None:  # compiled already unless offline
+            grammar = self.structured.matcher(params.structured_outputs)
         seed = (
             params.seed
             if params.seed is not None
@@ -244,6 +255,7 @@ class LLMEngine:
             params,
             checked.max_tokens,
             seed=None if params.greedy else seed,
+            grammar=grammar,
         )
         self.scheduler.add(req)
         self.num_prompt_tokens += len(checked.token_ids)
@@ -330,4 +342,8 @@ class LLMEngine:
         """Raise if the engine can no longer serve; a single-process engine always can."""
 
     def shutdown(self) -> None:
-        """Release what the engine holds beyond its own memory (nothing, in one process)."""
+        """Release what the engine holds beyond its own memory (in one process: the
+        grammar compiler's threads)."""
+        structured = getattr(self, "structured", None)  # None: __init__ failed before it
+        if structured is not None:
+            structured.close()

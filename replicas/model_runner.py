@@ -19,6 +19,7 @@ from kvmesh.replicas import capacity
 from kvmesh.replicas.model_arch import ModelArchConfig
 from kvmesh.replicas.sampler import SamplingRow, sample
 from kvmesh.replicas.step_types import RunnerOutput, ScheduledChunk, SchedulerOutput
+from kvmesh.replicas.structured.bitmask import apply_bitmask
 
 KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
@@ -184,6 +185,8 @@ class ModelRunner:
         rows = [self.rows[c.request_id] for c in sched.chunks if c.sample]
         if not rows:
             return RunnerOutput()
+        if sched.structured is not None:  # grammar rows: only their allowed tokens remain
+            apply_bitmask(logits, sched.structured.bitmask, sched.structured.rows)
         results = sample(logits, rows, self.eos_token_ids)
         for row, result in zip(rows, results, strict=True):
             if not isinstance(result, Exception):

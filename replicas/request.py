@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvmesh.replicas.block_hash import BlockHash, BlockHasher
 from kvmesh.replicas.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvmesh.replicas.structured.grammar import GrammarMatcher
 
 
 class TokenSequence:
@@ -69,6 +73,10 @@ class Request(TokenSequence):
     """The runner has been sent this request's ``NewRequest`` (it keeps its sampling state)."""
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    grammar: GrammarMatcher | None = None
+    """Structured output: where the output is in its grammar (None: unconstrained)."""
+    grammar_error: Exception | None = None
+    """A fault filling this request's token mask: it fails the request in the update."""
 
     @property
     def finished(self) -> bool:

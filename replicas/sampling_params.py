@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmesh.replicas.structured.params import StructuredOutputsParams
+
 SAMPLING_EPS = 1e-5
 """Temperatures below this are greedy: dividing logits by them overflows float32."""
 
@@ -87,6 +89,9 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output to a JSON schema, regex, choice or grammar (a dict is taken as
+    ``StructuredOutputsParams``' keyword arguments)."""
     # Filled in by the engine; not user-facing.
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
@@ -107,6 +112,8 @@ class SamplingParams:
         self._stop_list = stops
         if self.stop_token_ids is not None and any(t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative token ids")
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
 
     @property
     def greedy(self) -> bool:

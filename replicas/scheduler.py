@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from kvmesh.replicas.kv.manager import KVCacheManager
 from kvmesh.replicas.request import Request, RequestStatus
@@ -29,6 +30,7 @@ from kvmesh.replicas.step_types import (
     RunnerOutput,
     ScheduledChunk,
     SchedulerOutput,
+    StructuredMask,
 )
 
 FaultInjector = Callable[[str, object], None]
@@ -50,6 +52,7 @@ class Scheduler:
         *,
         eos_token_ids: Iterable[int] = (),
         max_model_len: int | None = None,
+        allocate_bitmask: Callable[[int], Any] | None = None,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
@@ -57,6 +60,8 @@ class Scheduler:
         self.chunked = enable_chunked_prefill
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
+        # Structured output: an empty (all-allowed) token bitmask of n rows.
+        self.allocate_bitmask = allocate_bitmask
         self.requests: dict[str, Request] = {}  # waiting and running
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -188,8 +193,15 @@ class Scheduler:
         out = SchedulerOutput(preempted_request_ids=[r.request_id for r in preempted])
         if scheduled:
             out.finished_request_ids, self._finished_ids = self._finished_ids, []
+        constrained: list[tuple[int, Request]] = []  # (sampling row, request)
+        num_sampling = 0
         for req, n in scheduled:
             start = req.num_computed_tokens
+            sample = start + n == req.num_tokens
+            if sample:
+                if req.grammar is not None:
+                    constrained.append((num_sampling, req))
+                num_sampling += 1
             if not req.announced:
                 req.announced = True
                 out.new_requests.append(
@@ -201,10 +213,29 @@ class Scheduler:
                     token_ids=req.token_ids[start : start + n],
                     start=start,
                     block_ids=self.kv.block_ids(req),
-                    sample=start + n == req.num_tokens,
+                    sample=sample,
                 )
             )
+        if constrained:
+            out.structured = self._token_masks(num_sampling, constrained)
         return out
+
+    def _token_masks(
+        self, num_sampling: int, constrained: list[tuple[int, Request]]
+    ) -> StructuredMask:
+        """Each constrained row's allowed next tokens. A fault filling one request's row is
+        kept on that request (its update fails it) and leaves the row all-allowed."""
+        assert self.allocate_bitmask is not None, "a grammar request needs allocate_bitmask"
+        bitmask = self.allocate_bitmask(num_sampling)
+        rows = []
+        for row, req in constrained:
+            try:
+                self._inject("grammar", req)
+                req.grammar.fill_bitmask(bitmask, row)  # type: ignore[union-attr]
+                rows.append(row)
+            except Exception as exc:
+                req.grammar_error = exc
+        return StructuredMask(bitmask, rows)
 
     def _uncomputed_prompt_blocks(self, req: Request) -> list[bytes]:
         hashes = req.full_block_hashes(self.kv.hasher)
@@ -282,10 +313,19 @@ class Scheduler:
     def _append_token(
         self, req: Request, token: int, logprobs: dict[int, float] | None
     ) -> RequestUpdate:
+        if req.grammar is not None:
+            if req.grammar_error is not None:
+                raise req.grammar_error
+            if not req.grammar.accept(token):
+                raise ValueError(f"token {token} does not follow the request's grammar")
         req.token_ids.append(token)
         self.num_generated_tokens += 1
         p = req.params
-        if (
+        if req.grammar is not None and req.grammar.terminated:
+            # The grammar is complete (its stop token accepted): nothing more may follow,
+            # whatever ignore_eos says.
+            req.finish_reason = "stop"
+        elif (
             not p.ignore_eos
             and token in self.eos_token_ids
             and req.num_output_tokens > p.min_tokens - 1

@@ -18,6 +18,7 @@ None of these holds a live ``Request``: each stage keeps its own state, keyed by
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvmesh.replicas.sampling_params import SamplingParams
 
@@ -53,6 +54,17 @@ class ScheduledChunk:
         return len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class StructuredMask:
+    """The allowed next tokens of the step's constrained rows (structured output).
+
+    ``bitmask`` (int32) has one row per sampling row of the step, in the order of the
+    step's sampling chunks; ``rows`` lists the constrained ones (the others are not read)."""
+
+    bitmask: Any
+    rows: list[int]
+
+
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
@@ -60,6 +72,8 @@ class SchedulerOutput:
     finished_request_ids: list[str] = field(default_factory=list)
     """Requests that ended since the previous step: the runner drops their state."""
     preempted_request_ids: list[str] = field(default_factory=list)
+    structured: StructuredMask | None = None
+    """Set when a sampling row follows a grammar: mask its logits before sampling."""
 
     @property
     def num_prefill_tokens(self) -> int:

@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect
 
 from kvmesh.replicas.sampling_params import SamplingParams
 from kvmesh.replicas.serve_messages import ReplicaChunk, ReplicaRequest
-from kvmesh.router import autoscaler_reports, limits
+from kvmesh.router import autoscaler_reports, limits, tool_output
 from kvmesh.router import openai_format as fmt
 from kvmesh.router.auth import APIKeyAuth, keys_from_env, keys_from_file
 from kvmesh.router.errors import APIError, from_validation_error
@@ -138,6 +138,16 @@ class Ingress:
             return req.sampling_params()
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_value") from None
+
+    @staticmethod
+    async def check_structured(
+        req: CompletionRequest | ChatCompletionRequest, info: ModelInfo
+    ) -> None:
+        """Compile the request's grammar (cached) so a bad one is a 400 naming its field,
+        before a replica sees it (``sampling`` has refused malformed ones already)."""
+        spec = req.structured_spec()
+        if spec is not None:
+            await info.check_structured(spec[1], spec[0])
 
     def debug_fault(self, request: Request) -> str | None:
         value = request.headers.get(DEBUG_FAULT_HEADER)
@@ -263,6 +273,7 @@ class Ingress:
         target = self.table.resolve(req.model)
         info = self.infos[target]
         params = self.sampling(req)
+        await self.check_structured(req, info)
         raw_prompts = req.prompts()
         limits.check_prompt_count(self.limits, len(raw_prompts), self.prompt_cap(target))
         prompts = await self.prepare(lambda: [info.encode(p) for p in raw_prompts], info)
@@ -349,8 +360,9 @@ class Ingress:
         target = self.table.resolve(req.model)
         info = self.infos[target]
         params = self.sampling(req)
-        conversation = req.conversation()
-        prompts = await self.prepare(lambda: [info.encode_chat(conversation)], info)
+        await self.check_structured(req, info)
+        conversation, tools = req.conversation(), req.tool_dicts()
+        prompts = await self.prepare(lambda: [info.encode_chat(conversation, tools)], info)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         sources = await self.open_sources(
             request, target, prompts, params, rid, arrival, req.deterministic
@@ -363,9 +375,13 @@ class Ingress:
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
         gens = await self.collect(sources)
         self.remember(target, prompts, params, sources, gens)
-        return JSONResponse(
-            fmt.chat_body(rid, created, target, gens[0], top, info.token_text), headers=headers
+        body = fmt.chat_body(rid, created, target, gens[0], top, info.token_text)
+        choice = body["choices"][0]
+        choice["message"], called = tool_output.chat_message(
+            gens[0].text, req.tool_mode, info.tool_parser
         )
+        choice["finish_reason"] = tool_output.finish_reason(choice["finish_reason"], called)
+        return JSONResponse(body, headers=headers)
 
     def stream_chat(
         self,
@@ -380,13 +396,15 @@ class Ingress:
     ) -> AsyncIterator[bytes]:
         builder = GenerationBuilder(sources[0].replica)
         top = params.logprobs
+        tools = None
+        if req.tool_mode != "none":
+            tools = tool_output.ToolDeltaStream(req.tool_mode, info.tool_parser)
+
+        def chunk_bytes(delta: dict[str, Any], lp: dict | None, reason: str | None) -> bytes:
+            return fmt.sse(fmt.chat_chunk(rid, created, target, delta, lp, reason))
 
         async def events() -> AsyncIterator[bytes]:
-            yield fmt.sse(
-                fmt.chat_chunk(
-                    rid, created, target, {"role": "assistant", "content": ""}, None, None
-                )
-            )
+            yield chunk_bytes({"role": "assistant", "content": ""}, None, None)
             async for _, chunk in merge(sources):
                 builder.add(chunk)
                 lp = None
@@ -394,18 +412,23 @@ class Ingress:
                     lp = fmt.chat_logprobs(
                         chunk.delta_token_ids, chunk.delta_logprobs, top, info.token_text
                     )
-                if chunk.delta_text or lp:
-                    data = fmt.sse(
-                        fmt.chat_chunk(
-                            rid, created, target, {"content": chunk.delta_text}, lp, None
-                        )
-                    )
+                if tools is not None:
+                    # Tool deltas (and held-back content); logprobs go with plain text only.
+                    deltas = tools.feed(chunk.delta_text)
+                    if chunk.finish_reason is not None:
+                        deltas += tools.finish()
+                    for delta in deltas:
+                        yield chunk_bytes(delta, None, None)
+                    if deltas:
+                        self.observe_emit(target, chunk)
+                elif chunk.delta_text or lp:
+                    data = chunk_bytes({"content": chunk.delta_text}, lp, None)
                     self.observe_emit(target, chunk)
                     yield data
                 if chunk.finish_reason is not None:
-                    yield fmt.sse(
-                        fmt.chat_chunk(rid, created, target, {}, None, chunk.finish_reason)
-                    )
+                    called = tools is not None and tools.num_calls > 0
+                    reason = tool_output.finish_reason(chunk.finish_reason, called)
+                    yield chunk_bytes({}, None, reason)
             gen = builder.build()
             if req.include_usage:
                 yield fmt.sse(fmt.usage_chunk(rid, created, target, "chat.completion.chunk", [gen]))

@@ -50,6 +50,7 @@ NUM = {"type": "number"}
 # A logprob is <= 0 (and finite: -inf is not JSON); null where the engine reported none.
 LOGPROB = {"type": "number", "maximum": 0}
 FINISH_REASON = {"enum": ["stop", "length"]}
+CHAT_FINISH_REASON = {"enum": ["stop", "length", "tool_calls"]}
 
 
 # ---- response bodies ----------------------------------------------------------------------
@@ -108,13 +109,32 @@ def _response_schemas() -> dict[str, Schema]:
             "finish_reason": FINISH_REASON,
         }
     )
+    function_call = obj({"name": STR, "arguments": STR})
+    tool_call = obj({"id": STR, "type": {"const": "function"}, "function": function_call})
     chat_choice = obj(
         {
             "index": {"const": 0},
-            "message": obj({"role": {"const": "assistant"}, "content": STR}),
+            "message": obj(
+                {
+                    "role": {"const": "assistant"},
+                    "content": nullable(STR),
+                    "tool_calls": {"type": "array", "items": tool_call, "minItems": 1},
+                },
+                optional=("tool_calls",),
+            ),
             "logprobs": nullable(ref("ChatLogprobs")),
-            "finish_reason": FINISH_REASON,
+            "finish_reason": CHAT_FINISH_REASON,
         }
+    )
+    # A streamed call: its first delta has id, type and name; later ones argument pieces.
+    tool_call_delta = obj(
+        {
+            "index": COUNT,
+            "id": STR,
+            "type": {"const": "function"},
+            "function": obj({"name": STR, "arguments": STR}, optional=("name", "arguments")),
+        },
+        optional=("id", "type"),
     )
     # Stream chunks: the finish reason is null until a choice's last chunk.
     completion_chunk_choice = obj(
@@ -129,10 +149,15 @@ def _response_schemas() -> dict[str, Schema]:
         {
             "index": {"const": 0},
             "delta": obj(
-                {"role": {"const": "assistant"}, "content": STR}, optional=("role", "content")
+                {
+                    "role": {"const": "assistant"},
+                    "content": STR,
+                    "tool_calls": {"type": "array", "items": tool_call_delta, "minItems": 1},
+                },
+                optional=("role", "content", "tool_calls"),
             ),
             "logprobs": nullable(ref("ChatLogprobs")),
-            "finish_reason": nullable(FINISH_REASON),
+            "finish_reason": nullable(CHAT_FINISH_REASON),
         }
     )
 

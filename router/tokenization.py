@@ -18,6 +18,13 @@ from typing import Any, TypeVar
 from kvmesh.replicas.block_hash import BlockHash
 from kvmesh.replicas.engine_args import EngineArgs
 from kvmesh.replicas.input_processor import InputError, InputProcessor
+from kvmesh.replicas.structured import (
+    GrammarError,
+    StructuredOutputCompiler,
+    StructuredOutputsParams,
+)
+from kvmesh.replicas.structured.grammar import DEFAULT_COMPILE_TIMEOUT_S
+from kvmesh.replicas.tool_calls import ParserName, pick_parser
 from kvmesh.router.errors import APIError
 
 T = TypeVar("T")
@@ -43,6 +50,31 @@ def _api_errors(fn: Callable[[], T]) -> T:
 class ModelInfo:
     name: str
     inputs: InputProcessor
+    tool_parser: ParserName = "hermes"
+    compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S
+    _compiler: StructuredOutputCompiler | None = None
+
+    @property
+    def structured(self) -> StructuredOutputCompiler:
+        """Compiles grammars to check them before a request is sent (the replica compiles
+        its own; both caches are keyed by the spec)."""
+        if self._compiler is None:
+            tokenizer = self.tokenizer
+            eos = getattr(tokenizer, "eos_token_id", None)
+            self._compiler = StructuredOutputCompiler(
+                tokenizer,
+                self.inputs.vocab_size,
+                [] if eos is None else [eos],
+                compile_timeout_s=self.compile_timeout_s,
+            )
+        return self._compiler
+
+    async def check_structured(self, spec: StructuredOutputsParams, field: str) -> None:
+        """A 400 naming ``field`` for a schema, regex or grammar that does not compile."""
+        try:
+            await self.structured.compile_async(spec)
+        except GrammarError as exc:
+            raise APIError(400, f"{field}: {exc.message}", param=field) from None
 
     @property
     def tokenizer(self) -> Any | None:
@@ -66,11 +98,13 @@ class ModelInfo:
 
         return _api_errors(encode)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[str, list[int]]:
         """The conversation through the model's chat template, with the assistant cue."""
 
         def encode() -> tuple[str, list[int]]:
-            text, ids = self.inputs.encode_chat(messages)
+            text, ids = self.inputs.encode_chat(messages, tools)
             self.inputs.check_prompt(ids)
             return text, ids
 
@@ -87,4 +121,11 @@ class ModelInfo:
 
 def load_model_info(name: str, engine_args: dict[str, Any]) -> ModelInfo:
     args = EngineArgs.model_validate({**engine_args, "served_model_name": name})
-    return ModelInfo(name=name, inputs=InputProcessor.from_args(args))
+    inputs = InputProcessor.from_args(args)
+    template = getattr(inputs.tokenizer, "chat_template", None)
+    return ModelInfo(
+        name=name,
+        inputs=inputs,
+        tool_parser=pick_parser(args.tool_call_parser, template),
+        compile_timeout_s=args.structured_outputs_compile_timeout_s,
+    )

@@ -229,6 +229,7 @@ class TPEngine(LLMEngine):
             self._saved_threads = None
         if self.error is None:
             self.error = TPWorkerError("this tensor-parallel engine was shut down")
+        super().shutdown()
 
     def __enter__(self) -> TPEngine:
         return self

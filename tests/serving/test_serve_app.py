@@ -268,7 +268,7 @@ BAD_CASES = [
     (CHAT, {"model": "tiny", "messages": []}, None, 400, "invalid_request_error", "messages"),
     (
         CHAT,
-        {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]},
+        {"model": "tiny", "messages": [{"role": "function", "content": "x"}]},
         None,
         400,
         "invalid_request_error",

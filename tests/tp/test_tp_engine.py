@@ -242,3 +242,38 @@ def test_inside_a_replica_actor_workers_use_its_placement_group(make_tiny_model)
     while _alive(got["worker_pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(got["worker_pid"]), "the worker outlived its replica"
+
+
+def test_tp2_structured_output_equals_tp1(make_tiny_model, smollm2_dir, assert_all_blocks_free):
+    """Grammars live with rank 0 (it schedules and samples): constrained greedy output under
+    tensor parallelism is the single-process output, token for token, and follows the
+    grammar."""
+    import json
+
+    from kvmesh.replicas.structured import StructuredOutputsParams
+
+    path = make_tiny_model("llama", vocab_size=49152, num_key_value_heads=2)
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 9}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    specs = [
+        StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+        StructuredOutputsParams(regex=r"[a-c]{2}-\d{3}"),
+        None,
+    ]
+    params = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=s) for s in specs]
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(7, [9, 14, 11])]
+    args = dict(num_kv_blocks=64, tokenizer=str(smollm2_dir), **ENGINE)
+    one = LLM(str(path), **args)
+    two = LLM(str(path), tensor_parallel_size=2, **args)
+    try:
+        a, b = one.generate(prompts, params), two.generate(prompts, params)
+        assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+        assert json.loads(b[0].outputs[0].text).keys() == {"ok", "n"}
+        assert b[1].outputs[0].finish_reason == "stop"
+        assert_all_blocks_free(two)
+    finally:
+        two.engine.shutdown()
