@@ -168,6 +168,9 @@ class StructuredOutputCompiler:
                 raise
             raise GrammarError(f"invalid {_WHAT.get(spec.kind, spec.kind)}: {exc}") from None
         matcher = LLMatcher(tokens, grammar, log_level=0)  # builds it (GIL released)
+        # The lexer is built lazily, state by state: compute the first mask here, off the
+        # engine thread, so a request's first step does not pay for it (copies share it).
+        matcher.compute_bitmask()
         if matcher.is_error():
             what = _WHAT.get(spec.kind, spec.kind)
             message = matcher.get_error().strip()

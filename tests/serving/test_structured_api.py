@@ -192,3 +192,31 @@ def test_bad_structure_requests_are_400_with_an_openai_error_body(serve_app, ext
     assert error["type"] == "invalid_request_error"
     if param is not None:
         assert error["param"] == param
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tool_choice_parses_the_models_calls(oai, stream):
+    """With ``tool_choice="auto"`` the model's own text is parsed for calls (the Hermes
+    parser: the tiny model's template knows no tools). A random model never writes a call
+    by itself, so a regex makes it write one, preceded by text that stays content."""
+    call = '{"name": "get_weather", "arguments": {"city": "Oslo", "celsius": 3, "sunny": true}}'
+    kwargs = dict(
+        model=MODEL,
+        messages=ASK,
+        tools=[WEATHER_TOOL, TICKET_TOOL],
+        max_tokens=96,
+        extra_body={"guided_regex": re.escape(f"Sure.<tool_call>\n{call}\n</tool_call>")},
+    )
+    if stream:
+        with oai.beta.chat.completions.stream(**kwargs) as events:
+            kinds = {type(event).__name__ for event in events}
+            done = events.get_final_completion()
+        assert "ContentDeltaEvent" in kinds and "FunctionToolCallArgumentsDeltaEvent" in kinds
+    else:
+        done = oai.chat.completions.parse(**kwargs)
+    message = done.choices[0].message
+    assert done.choices[0].finish_reason == "tool_calls"
+    assert message.content == "Sure."
+    (tool_call,) = message.tool_calls
+    assert tool_call.function.name == "get_weather"
+    assert tool_call.function.parsed_arguments == Weather(city="Oslo", celsius=3, sunny=True)
