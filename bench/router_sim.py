@@ -32,7 +32,9 @@ Ablations (``--policies``): ``ours_4routers`` (four independent routers, as four
 replicas, each request to one at random), ``ours_no_speculation``, ``ours_no_acks`` (replicas do
 not acknowledge; the router's own requests count for ``pending_ttl_s``), ``ours_queue_limit``,
 ``ours_eviction_cut`` and ``ours_issue15`` (both): issue #15's opt-in changes,
-``queue_soft_limit`` 2048 and ``eviction_aware``.
+``queue_soft_limit`` 2048 and ``eviction_aware``; ``ours_no_rate`` (``rate_aware`` off: the
+prefill terms in tokens rather than at each replica's reported, measured prefill rate; every
+simulated replica has the same cost model, so the measured rates differ only by step mix).
 
 Writes ``bench/out/router_sim.json`` and ``bench/out/router_sim.png`` (TTFT p90 and prefix hit
 rate against request rate).
@@ -211,6 +213,9 @@ class SimReplica:
         self.queries = 0
         self.pending = 0
         """Prompt tokens not yet prefilled (waiting: minus what was cached at arrival)."""
+        self.prefill_rate: float | None = None
+        """Measured as the engine does (``AsyncLLM._observe_step``): a moving average (weight
+        0.2 per step) of prefill tokens / step time over steps with >= 32 prefill tokens."""
 
     # -- cache ----------------------------------------------------------------------------
     def cached_prefix_blocks(self, req: SimRequest) -> int:
@@ -361,8 +366,14 @@ class SimReplica:
 
     def step_end(self, now: float) -> tuple[list[SimRequest], list[SimRequest], float | None]:
         """Finish the macro-step; returns (first tokens, finished requests, next step end)."""
-        _, _, k, plan = self.macro
+        _, step, k, plan = self.macro
         self.step_no += k
+        prefill = sum(t for _, t in plan)
+        if prefill >= 32 and step > 0:
+            sample = prefill / step
+            old = self.prefill_rate
+            # k identical steps of the EWMA at once.
+            self.prefill_rate = sample if old is None else sample + (old - sample) * 0.8**k
         first: list[SimRequest] = []
         done: list[SimRequest] = []
         for req, take in plan:
@@ -590,6 +601,8 @@ VARIANTS = {
     "ours_queue_limit": ({"queue_soft_limit": 2048.0}, 1, True),
     "ours_eviction_cut": ({"eviction_aware": True}, 1, True),
     "ours_issue15": ({"queue_soft_limit": 2048.0, "eviction_aware": True}, 1, True),
+    # Tokens, not seconds: the prefill terms not priced at each replica's measured rate.
+    "ours_no_rate": ({"rate_aware": False}, 1, True),
 }
 """Ablations of ``ours``: RouterConfig overrides, number of routers, replicas acknowledge."""
 
@@ -723,6 +736,8 @@ def simulate(
             rep = obj
             events, rep.events = rep.events, []
             stats = rep.reporter.report(events=events, load=rep.load_dict())
+            # Beside the payload, as LLMServer.record_routing_stats reports it (0: not measured).
+            stats["prefill_tokens_per_s"] = rep.prefill_rate or 0.0
             policy.report(rep.idx, stats, now)
             if live[0] > 0:
                 push(now + report_period, "report", rep)

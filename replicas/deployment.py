@@ -284,8 +284,16 @@ class LLMServer:
         self.engine.check_health()
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        """Load for the request router, plus the cache contents it matches prefixes against."""
-        return {**self.load(), **(await self._cache_contents())}
+        """Load for the request router, the engine's measured speeds (the prefix-aware router
+        prices each replica's queued and missed prompt tokens at its own prefill rate; 0 until
+        measured), plus the cache contents it matches prefixes against."""
+        return {**self.load(), **self._routing_rates(), **(await self._cache_contents())}
+
+    def _routing_rates(self) -> dict[str, float]:
+        return {
+            "prefill_tokens_per_s": float(self.engine.prefill_tokens_per_s),
+            "decode_step_s": float(self.engine.decode_step_s),
+        }
 
     def startup_phases(self) -> dict[str, float]:
         """Seconds this replica took to start, by phase (files, weights, KV cache, kernels,

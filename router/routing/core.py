@@ -36,7 +36,7 @@ from kvmesh.router.routing.load import LoadTracker
 from kvmesh.router.routing.metrics import RouterMetrics
 from kvmesh.router.routing.policy import Candidate, Decision, Reason, decide
 from kvmesh.router.routing.sync import ReplicaSync, SyncOutcome, apply_report
-from kvmesh.router.routing.wire import block_key, parse_report
+from kvmesh.router.routing.wire import block_key, parse_rates, parse_report
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class PrefixRouterCore:
                 )
             was_synced = state.synced
             outcome = apply_report(self.index, replica, state, report)
-            self.loads.on_report(replica, report.load, report.acks)
+            self.loads.on_report(replica, report.load, report.acks, parse_rates(routing_stats))
             self._count_reported_hits(replica, report.load)
             if self._metrics is not None:
                 if outcome is SyncOutcome.RESYNC:

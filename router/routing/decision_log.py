@@ -10,7 +10,8 @@ A record holds:
   ``-<index of the prompt in the request>``),
   ``session_id``, ``num_prompt_tokens``, ``sticky`` (the session's previous replica, if any);
 * ``candidates``: for every replica considered, the predicted cached tokens and each term of
-  the cost (miss, queue, decode, KV) with the load figures behind them, and the total;
+  the cost (miss, queue, decode, KV) with the load figures behind them (and its reported
+  prefill rate and the factor the prefill terms were priced at), and the total;
 * ``best`` (ranked first), ``chosen`` (where Serve actually sent it: the second choice when
   the first was full), ``reason``;
 * ``outcome``, filled in by the ingress from the stream: the replica that answered, the tokens
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmesh.router.routing.config import RouterConfig
-from kvmesh.router.routing.policy import Decision, kv_term, queue_term
+from kvmesh.router.routing.policy import Decision, kv_term, queue_term, rate_factors
 
 
 @dataclass
@@ -51,6 +52,11 @@ class CandidateTerms:
     cost: float
     reported_hit_tokens: int | None = None
     """What the index matched before the eviction cut (``hit_tokens`` is after it)."""
+    prefill_tokens_per_s: float | None = None
+    """The replica's reported prefill rate (None: none reported)."""
+    decode_step_s: float | None = None
+    rate_factor: float = 1.0
+    """What the prefill terms (``miss_cost``, ``queue_cost``) were multiplied by."""
 
 
 @dataclass
@@ -79,9 +85,10 @@ class DecisionRecord:
 def candidate_terms(decision: Decision, num_prompt_tokens: int, config: RouterConfig):
     """Each candidate's cost split into its terms (the policy's formula, term by term)."""
     out = []
-    for cand in decision.candidates:
-        miss = config.miss_weight * max(num_prompt_tokens - cand.hit_tokens, 0)
-        queue = queue_term(cand.load.queued_tokens, config)
+    factors = rate_factors(decision.candidates, config)
+    for cand, factor in zip(decision.candidates, factors, strict=True):
+        miss = factor * config.miss_weight * max(num_prompt_tokens - cand.hit_tokens, 0)
+        queue = factor * queue_term(cand.load.queued_tokens, config)
         decode = config.decode_weight * cand.load.resident
         kv = kv_term(cand.load.kv_usage, config)
         out.append(
@@ -97,6 +104,9 @@ def candidate_terms(decision: Decision, num_prompt_tokens: int, config: RouterCo
                 kv_cost=kv,
                 cost=miss + queue + decode + kv,
                 reported_hit_tokens=cand.reported_hit_tokens,
+                prefill_tokens_per_s=cand.load.prefill_tokens_per_s,
+                decode_step_s=cand.load.decode_step_s,
+                rate_factor=factor,
             )
         )
     return out

@@ -33,6 +33,10 @@ class ReplicaLoad:
     """Requests running or waiting there."""
     kv_usage: float = 0.0
     """Fraction of KV blocks held by running requests (cached free blocks do not count)."""
+    prefill_tokens_per_s: float | None = None
+    """The replica's measured prefill rate (None: not reported / not yet measured)."""
+    decode_step_s: float | None = None
+    """The replica's recent decode step time (None: not reported); logged, not priced."""
 
 
 @dataclass
@@ -69,7 +73,14 @@ class LoadTracker:
             for request_id in state.pending:
                 self._where.pop(request_id, None)
 
-    def on_report(self, replica: Hashable, load: LoadReport, acks: dict[str, int]) -> None:
+    def on_report(
+        self,
+        replica: Hashable,
+        load: LoadReport,
+        acks: dict[str, int],
+        rates: tuple[float | None, float | None] = (None, None),
+    ) -> None:
+        """``rates``: the replica's measured (prefill tokens per s, decode step s), if any."""
         state = self._replicas.get(replica)
         if state is None:
             return
@@ -78,7 +89,7 @@ class LoadTracker:
         else:
             queued = float(load.num_requests_waiting * self.config.waiting_request_tokens)
         resident = float(load.num_requests_running + load.num_requests_waiting)
-        state.base = ReplicaLoad(queued, resident, load.kv_cache_usage)
+        state.base = ReplicaLoad(queued, resident, load.kv_cache_usage, *rates)
         acked = acks.get(self.router_id)
         if acked is None:
             return
@@ -122,7 +133,9 @@ class LoadTracker:
         for request_id in stale:
             del state.pending[request_id]
             self._where.pop(request_id, None)
-        return ReplicaLoad(queued, resident, base.kv_usage)
+        return ReplicaLoad(
+            queued, resident, base.kv_usage, base.prefill_tokens_per_s, base.decode_step_s
+        )
 
     def num_pending(self, replica: Hashable | None = None) -> int:
         if replica is None:

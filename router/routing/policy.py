@@ -1,8 +1,8 @@
 """The routing decision: score every replica by the work the request would cost there.
 
-``cost = miss_weight * uncached prompt tokens``
-``     + queue_weight * prefill tokens queued there``
-``     + (queue_over_factor - 1) * queue_weight * queued tokens past queue_soft_limit``
+``cost = rate_factor * (miss_weight * uncached prompt tokens``
+``                      + queue_weight * prefill tokens queued there``
+``                      + (queue_over_factor - 1) * queue_weight * queued past queue_soft_limit)``
 ``     + decode_weight * requests resident there``
 ``     + kv_penalty * ((kv_usage - kv_soft_limit) / (1 - kv_soft_limit))^2  (above the limit)``
 
@@ -15,6 +15,12 @@ returns when the queue drains. "Uncached" counts the prefix the replica is predi
 hold when the request is admitted (``PrefixIndex.surviving``), not just what it reported. The
 third term prices the decode work sharing every step with us and the conversations likely to
 return there. The fourth keeps requests away from a replica about to evict or preempt.
+
+``rate_factor`` (``rate_aware``) turns the prefill terms from tokens into time: the candidates'
+median measured prefill rate over this replica's rate (clamped to ``1/rate_max_ratio`` ..
+``rate_max_ratio``), so a replica that drains its queue at half the typical rate counts each of
+its queued and missed tokens twice. Replicas that report no rate count at the median (or at
+``default_prefill_tokens_per_s``); with equal or no reported rates every factor is exactly 1.
 
 The lowest cost wins; near-ties (``tie_tolerance``) are broken at random. Two overrides:
 
@@ -96,6 +102,34 @@ def queue_term(queued_tokens: float, config: RouterConfig) -> float:
     return cost
 
 
+def rate_factors(candidates: Sequence[Candidate], config: RouterConfig) -> list[float]:
+    """Per candidate, how many typical-replica seconds one of its prefill tokens takes.
+
+    The reference is the median of the reported rates (a replica without one counts at
+    ``default_prefill_tokens_per_s``, else at that median); each rate is clamped to within
+    ``rate_max_ratio`` of the reference first. All 1.0 when off, or when no rate differs.
+    """
+    n = len(candidates)
+    if not config.rate_aware or n < 2:
+        return [1.0] * n
+    measured = [c.load.prefill_tokens_per_s for c in candidates]
+    known = sorted(r for r in measured if r is not None)
+    default = config.default_prefill_tokens_per_s
+    if default is None:
+        if not known:
+            return [1.0] * n
+        default = _median(known)
+    rates = [default if r is None else r for r in measured]
+    ref = _median(sorted(rates))
+    lo, hi = ref / config.rate_max_ratio, ref * config.rate_max_ratio
+    return [1.0 if r == ref else ref / min(max(r, lo), hi) for r in rates]
+
+
+def _median(xs: Sequence[float]) -> float:
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
+
+
 def kv_term(kv_usage: float, config: RouterConfig) -> float:
     soft = config.kv_soft_limit
     if kv_usage <= soft or soft >= 1.0:
@@ -104,11 +138,12 @@ def kv_term(kv_usage: float, config: RouterConfig) -> float:
     return config.kv_penalty * min(x, 1.0) ** 2
 
 
-def cost(num_prompt_tokens: int, cand: Candidate, config: RouterConfig) -> float:
+def cost(
+    num_prompt_tokens: int, cand: Candidate, config: RouterConfig, rate_factor: float = 1.0
+) -> float:
     miss = max(num_prompt_tokens - cand.hit_tokens, 0)
     return (
-        config.miss_weight * miss
-        + queue_term(cand.load.queued_tokens, config)
+        rate_factor * (config.miss_weight * miss + queue_term(cand.load.queued_tokens, config))
         + config.decode_weight * cand.load.resident
         + kv_term(cand.load.kv_usage, config)
     )
@@ -128,13 +163,18 @@ def decide(
     hits: dict[Hashable, int] = {}
     loads: dict[Hashable, float] = {}
     miss_weight = config.miss_weight
-    for c in candidates:
-        # The guard and tie-breaks compare the linear load; the cost uses the queue term.
+    factors = rate_factors(candidates, config)
+    for c, factor in zip(candidates, factors, strict=True):
+        # The guard and tie-breaks compare the linear load in tokens; the cost uses the queue
+        # term, both prefill terms priced at the replica's rate.
         loads[c.replica] = load_term(c.load, config)
         hits[c.replica] = c.hit_tokens
         costs[c.replica] = (
-            miss_weight * max(num_prompt_tokens - c.hit_tokens, 0)
-            + queue_term(c.load.queued_tokens, config)
+            factor
+            * (
+                miss_weight * max(num_prompt_tokens - c.hit_tokens, 0)
+                + queue_term(c.load.queued_tokens, config)
+            )
             + config.decode_weight * c.load.resident
             + kv_term(c.load.kv_usage, config)
         )

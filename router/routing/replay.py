@@ -38,7 +38,13 @@ def candidates_of(record: DecisionRecord, config: RouterConfig | None = None) ->
         Candidate(
             c.replica,
             c.reported_hit_tokens if uncut and c.reported_hit_tokens is not None else c.hit_tokens,
-            ReplicaLoad(c.queued_tokens, c.resident, c.kv_usage),
+            ReplicaLoad(
+                c.queued_tokens,
+                c.resident,
+                c.kv_usage,
+                c.prefill_tokens_per_s,
+                c.decode_step_s,
+            ),
         )
         for c in record.candidates
     ]

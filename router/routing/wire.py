@@ -27,10 +27,17 @@ Layout (``payload[PAYLOAD_KEY]``)::
     load      dict   LoadReport fields
     acks      dict   router_id -> highest router_seq of that router seen by the replica
     block_size int
+
+Beside the payload the router reads three top-level keys of the replica's dict, all optional:
+``healthy`` (0: take no new requests), and the engine's own measurements
+``prefill_tokens_per_s`` (moving average over recent prefill steps; 0 until measured) and
+``decode_step_s`` (see :func:`parse_rates`). They live outside the payload because the
+replica measures them, not the cache reporter.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -120,3 +127,24 @@ def parse_report(routing_stats: Mapping[str, Any] | None) -> CacheReport | None:
     if report.ev_first + n - 1 != report.seq:
         return None
     return report
+
+
+PREFILL_RATE_KEY = "prefill_tokens_per_s"
+DECODE_STEP_KEY = "decode_step_s"
+
+
+def parse_rates(routing_stats: Mapping[str, Any] | None) -> tuple[float | None, float | None]:
+    """The replica's measured (prefill tokens per second, decode step seconds); None for
+    each one absent, not yet measured (0), or not a positive finite number."""
+    if not routing_stats:
+        return None, None
+    return _positive(routing_stats.get(PREFILL_RATE_KEY)), _positive(
+        routing_stats.get(DECODE_STEP_KEY)
+    )
+
+
+def _positive(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value > 0 else None

@@ -11,6 +11,10 @@ arrivals and replica reports against the Ray-free core.
     its cached tokens outweigh the other replica's shorter queue. ``queue_soft_limit`` (off by
     default, see RouterConfig) sheds the prefix to a second replica past the limit and takes
     it back once the queue drains.
+(c) Tokens are not seconds: the replica that got the long prompts drained its queue at ~130
+    prefill tokens/s against the other's ~170, so it was sent requests for holding fewer
+    queued tokens while its queue was the longer one in seconds. ``rate_aware`` (on) prices
+    each replica's prefill terms at the rate it reports (``prefill_tokens_per_s``).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from router_testing import BS, FakeClock, FakeReplica, hashes, idle_load, make_c
 from kvmesh.replicas.kv.block_pool import BlockPool
 from kvmesh.router.routing import RouterConfig
 
-LEGACY = {"eviction_aware": False, "queue_soft_limit": None}
-"""The policy before issue #15 (and the defaults)."""
+LEGACY = {"eviction_aware": False, "queue_soft_limit": None, "rate_aware": False}
+"""The policy before issue #15 (the defaults but for ``rate_aware``; no test above reports a
+rate, so there every rate factor is 1 anyway)."""
 AWARE = {"eviction_aware": True}
 
 
@@ -219,3 +224,92 @@ def test_queue_term_is_linear_up_to_the_limit():
     assert queue_term(2048, cfg) == 2048
     assert queue_term(3048, cfg) == 2048 + 2 * 1000
     assert queue_term(3048, RouterConfig()) == 3048
+
+
+# ---- (c) queued tokens at each replica's own prefill rate -----------------------------------
+def _two_speeds(rates, queued, **overrides):
+    """Replicas "slow" and "fast" (names from the run: f2so ~130 tok/s, ml6k ~170), equally
+    many resident requests, ``queued`` prefill tokens each; ``rates`` as their stats report
+    them (None: the key is absent, as from an older replica)."""
+    clock = FakeClock()
+    core = make_core(clock, **overrides)
+    core.set_replicas(["slow", "fast"])
+    for name in ("slow", "fast"):
+        rep = FakeReplica(name, clock)
+        rep.load = idle_load(
+            num_requests_running=4, num_requests_waiting=2, pending_prefill_tokens=queued[name]
+        )
+        stats = rep.report()
+        if rates[name] is not None:
+            stats["prefill_tokens_per_s"] = rates[name]
+            stats["decode_step_s"] = 0.08
+        core.apply_report(name, stats)
+    return core
+
+
+COLD = prompt(9, 400)
+"""A new conversation: nothing of it cached anywhere (a 400-token prefill either way)."""
+QUEUED = {"slow": 1500, "fast": 1800}
+"""Fewer tokens at "slow" (1,500 / 130 = 11.5 s) but more seconds than at "fast" (10.6 s)."""
+
+
+def test_fewer_queued_tokens_but_more_seconds_loses():
+    slow_fast = {"slow": 130.0, "fast": 170.0}
+    old = _route(_two_speeds(slow_fast, QUEUED, rate_aware=False), COLD)
+    assert old.best == "slow", old.costs  # tokens: 800 + 1,500 < 800 + 1,800
+    new = _route(_two_speeds(slow_fast, QUEUED), COLD)  # the default
+    assert new.best == "fast", new.costs
+    # Seconds: (800 + 1,500) / 130 = 17.7 s at "slow" > (800 + 1,800) / 170 = 15.3 s. The cost
+    # stays in tokens at the median rate (150/s); the decode term (24 x 6 resident) is not
+    # rate-priced.
+    assert abs(new.costs["slow"] - (2300 * 150 / 130 + 24 * 6)) < 1e-6
+    assert abs(new.costs["fast"] - (2600 * 150 / 170 + 24 * 6)) < 1e-6
+    terms = {c.replica: c for c in new.candidates}
+    assert terms["slow"].load.prefill_tokens_per_s == 130.0
+    assert terms["fast"].load.decode_step_s == 0.08
+
+
+def test_equal_or_missing_rates_change_nothing():
+    for rates in ({"slow": 150.0, "fast": 150.0}, {"slow": None, "fast": None}):
+        old = _route(_two_speeds(rates, QUEUED, rate_aware=False), COLD)
+        new = _route(_two_speeds(rates, QUEUED), COLD)
+        assert old.best == new.best == "slow"
+        assert old.costs == new.costs  # exactly: every factor is 1.0
+    # One replica not measured yet: it counts at the other's rate (the median), not at 0.
+    core = _two_speeds({"slow": None, "fast": 170.0}, QUEUED)
+    unmeasured = _route(_two_speeds({"slow": None, "fast": None}, QUEUED), COLD)
+    d = _route(core, COLD)
+    assert d.best == "slow" and d.costs == unmeasured.costs
+    # A configured default is used instead where given.
+    core = _two_speeds({"slow": None, "fast": 170.0}, QUEUED, default_prefill_tokens_per_s=130.0)
+    assert _route(core, COLD).best == "fast"
+
+
+def test_one_odd_rate_cannot_exile_a_replica():
+    """An idle replica reporting an absurd 1 token/s still takes work once the other's queue
+    is long: its rate is clamped to half the median (``rate_max_ratio`` 2)."""
+    rates = {"slow": 1.0, "fast": 170.0}
+    queued = {"slow": 0, "fast": 4000}
+    d = _route(_two_speeds(rates, queued), COLD)
+    assert d.best == "slow", d.costs
+    unclamped = _route(_two_speeds(rates, queued, rate_max_ratio=1000.0), COLD)
+    assert unclamped.best == "fast"
+
+
+def test_rates_reach_the_decision_log_and_replay():
+    from kvmesh.router.routing.decision_log import candidate_terms
+    from kvmesh.router.routing.replay import candidates_of
+
+    cfg = RouterConfig(block_size=BS, seed=0)
+    d = _route(_two_speeds({"slow": 130.0, "fast": 170.0}, QUEUED), COLD)
+    terms = {t.replica: t for t in candidate_terms(d, len(COLD), cfg)}
+    assert terms["slow"].rate_factor > 1.0 > terms["fast"].rate_factor
+    assert terms["slow"].prefill_tokens_per_s == 130.0
+    for t in terms.values():
+        assert abs(t.cost - d.costs[t.replica]) < 1e-6
+    from kvmesh.router.routing.decision_log import DecisionRecord
+
+    rec = DecisionRecord(0.0, "r", None, len(COLD), None, list(terms.values()), "fast", "x")
+    rec = DecisionRecord.from_json(rec.as_json())
+    cands = {c.replica: c for c in candidates_of(rec, cfg)}
+    assert cands["slow"].load.prefill_tokens_per_s == 130.0
