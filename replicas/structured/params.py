@@ -23,7 +23,8 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool = False
     disable_any_whitespace: bool = False
-    """JSON without free whitespace between tokens (compact, and fewer tokens to generate)."""
+    """Compact JSON (``{"a":1}``) instead of the default layout (``{"a": 1}``); neither lets
+    free whitespace in between tokens."""
 
     def __post_init__(self) -> None:
         given = [

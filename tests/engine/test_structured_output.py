@@ -299,3 +299,29 @@ def test_a_fault_in_one_requests_mask_fails_it_alone(smol_llm, assert_all_blocks
         assert finished[rid].outputs[0].finish_reason == "stop"
         _check_valid(finished[rid].outputs[0].text, PERSON)
     assert_all_blocks_free(smol_llm)
+
+
+def test_bitmask_masks_exactly_the_constrained_rows():
+    """The additive mask equals a boolean ``masked_fill`` on the constrained rows, leaves
+    every other row bit for bit as it was, and disallows logits wider than the mask."""
+    import torch
+
+    from kvmesh.replicas.structured.bitmask import apply_bitmask
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 100, generator=gen)
+    logits[1, 5] = float("inf")  # extreme logits stay extreme where allowed
+    logits[1, 6] = -1e30
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (6, 3), dtype=torch.int32, generator=gen)
+    bitmask[1, 0] = -1  # tokens 0..31 of row 1 all allowed
+    rows = [1, 4]
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    allowed = bits.view(6, -1)[:, :96].bool()
+    want = logits.clone()
+    for r in rows:
+        want[r, :96].masked_fill_(~allowed[r], float("-inf"))
+        want[r, 96:] = float("-inf")
+    got = logits.clone()
+    apply_bitmask(got, bitmask, rows)
+    assert torch.equal(got, want)
+    assert got[1, 5] == float("inf") and got[1, 6] == -1e30
