@@ -811,18 +811,11 @@ def run_engine(engine: str, args) -> dict:
     if engine == "vllm":
         python = args.vllm_python
         env = {k: v for k, v in env.items() if not k.startswith("KVMESH")}
-        for var in (
-            "XDG_CACHE_HOME",
-            "VLLM_CACHE_ROOT",
-            "VLLM_CONFIG_ROOT",
-            "TORCHINDUCTOR_CACHE_DIR",
-            "TRITON_CACHE_DIR",
-            "TMPDIR",
-            "VLLM_RPC_BASE_PATH",
-        ):
-            path = scratch / var.lower()
-            path.mkdir(parents=True, exist_ok=True)
-            env[var] = str(path)
+        # Run by the parent only (kvmesh's venv): the vLLM worker never imports the harness.
+        sys.path.insert(0, str(Path(__file__).parent))
+        from serving_harness import vllm_scratch_env
+
+        env.update(vllm_scratch_env(scratch))
         env.update(VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE="2")
         if args.vllm_cores == "bound":
             env.update(VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_OMP_THREADS_BIND="0-1")
