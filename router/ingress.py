@@ -145,7 +145,7 @@ class Ingress:
     ) -> None:
         """Compile the request's grammar (cached) so a bad one is a 400 naming its field,
         before a replica sees it (``sampling`` has refused malformed ones already)."""
-        spec = req.structured_spec()
+        spec = req.structured_spec
         if spec is not None:
             await info.check_structured(spec[1], spec[0])
 

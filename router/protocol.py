@@ -8,6 +8,7 @@ generators use them to force output lengths.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -124,9 +125,12 @@ class _SamplingRequest(_Strict):
         """Greedy or seeded: the same request gives the same tokens (response-cacheable)."""
         return self.temperature == 0.0 or self.seed is not None
 
+    @cached_property
     def structured_spec(self) -> tuple[str, StructuredOutputsParams] | None:
         """(the field it came from, what it asks for), or None; more than one is a
-        ``ValueError``: they would contradict each other."""
+        ``ValueError``: they would contradict each other. Worked out once per request (a
+        forced tool call builds a schema from the tools): the sampling parameters and the
+        ingress's compile check both read it."""
         found: list[tuple[str, dict[str, Any]]] = []
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_object":
@@ -158,7 +162,7 @@ class _SamplingRequest(_Strict):
         return []
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        spec = self.structured_spec()
+        spec = self.structured_spec
         return SamplingParams(
             structured_outputs=spec[1] if spec else None,
             max_tokens=max_tokens,
