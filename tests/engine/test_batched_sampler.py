@@ -195,3 +195,42 @@ def test_draws_follow_the_filtered_distribution():
     assert (min_p[probs < 0.3 * probs.max()] == 0).all()
     hot = draw(temperature=0.5)
     assert torch.allclose(hot, torch.softmax(base / 0.5, -1), atol=0.03), hot
+
+
+@pytest.mark.parametrize("vocab", [49152, 32007])
+def test_chunked_argmax_is_torch_argmax_with_ties_and_a_tail(vocab):
+    """The CPU argmax (chunk maxima, then one chunk) returns torch's index, the first
+    maximum, also for ties across chunks and maxima in the tail past the last whole chunk."""
+    from kvmesh.replicas.sampler import argmax_rows
+
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(16, vocab, generator=gen)
+    x[1, [300, 9000]] = 9.0  # a tie: the first wins
+    x[2, vocab - 1] = 9.0  # in the tail (32007 % 256 = 7)
+    x[3, [5, vocab - 2]] = 9.0  # a tie between the body and the tail
+    x[4] = float("-inf")
+    x[4, 77] = -1e30
+    x[5] = 0.0  # all equal: index 0
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_draws_over_a_real_vocabulary_follow_the_softmax():
+    """The two-level CDF search over a 49k vocabulary with mass spread over many chunks:
+    frequencies match the softmax, and a token masked inside a chunk is never drawn."""
+    n, vocab = 6000, 49152 + 5
+    gen = torch.Generator().manual_seed(3)
+    base = torch.full((vocab,), -30.0)
+    hot = torch.randperm(vocab, generator=gen)[:12]  # spread over many chunks, one in the tail
+    hot[-1] = vocab - 2
+    base[hot] = torch.linspace(0.0, 2.0, 12)
+    masked = hot[5].item()
+    base[masked] = float("-inf")
+    reqs = []
+    for i in range(n):
+        req = SamplingRow(f"v{i}", [1], SamplingParams(temperature=1.0, seed=i))
+        req.generator = torch.Generator().manual_seed(i)
+        reqs.append(req)
+    tokens = torch.tensor([t for t, _ in sample(base.repeat(n, 1), reqs, [])])
+    freq = torch.bincount(tokens, minlength=vocab).float() / n
+    assert freq[masked] == 0
+    assert torch.allclose(freq[hot], torch.softmax(base, -1)[hot], atol=0.02), freq[hot]
