@@ -1,4 +1,4 @@
-"""Real-run router benchmark: SmolLM2 replicas on Ray Serve, four routers, one workload.
+"""Real-run router benchmark: SmolLM2 replicas on Ray Serve, seven routers, one workload.
 
 Each router gets a fresh app (fresh replicas, empty caches) and the same scripted workload:
 
@@ -23,7 +23,17 @@ Routers compared, in the same run:
 * ``ray_prefix_affinity``: Ray's ``PrefixCacheAffinityRouter`` loaded without vLLM, with the
   settings Ray's documentation shows (``imbalanced_threshold`` 10, ``match_rate_threshold``
   0.1); it matches on the request's ``prompt`` text, which kvmesh's replica request carries;
-* ``prefix_aware``: kvmesh's router with its defaults.
+* ``prefix_aware``: kvmesh's router with its defaults;
+* ``sglang_cache_aware``, ``sglang_power_of_two``: sglang-router 0.3.2 with that policy and
+  its defaults (cache-aware: cache threshold 0.3, balance thresholds 64 / 1.5x);
+* ``vllm_router_cache_aware``: vllm-router 0.1.17's cache-aware (prefix-tree) policy, defaults.
+
+The peer routers (``bench/router_peers.py``, installed in their own virtual environment) run
+as they are deployed: each replica is its own kvmesh server with one replica (an app of its
+own under ``/b<i>`` of the same Serve instance, identical replicas), and the peer runs on
+loopback in front of them, through a pass-through proxy that makes their requests acceptable
+to kvmesh (see ``router_peers``). Their per-replica spread comes from the ``x-kvmesh-replica``
+header when the peer passes it on, else from each backend's ``kvmesh:request_success`` counter.
 
 Reported per router: TTFT p50/p90/p99 and mean, end-to-end latency, request and token
 throughput, the prefix-cache hit rate from the replicas' own counters
@@ -35,7 +45,7 @@ larger than one replica's cache).
 
 Run on an idle machine; it takes ~5 minutes per router with the defaults:
 
-    .venv/bin/python bench/router_real.py                 # all four routers
+    .venv/bin/python bench/router_real.py                 # all seven routers
     .venv/bin/python bench/router_real.py --smoke         # a short wiring check
 
 Writes bench/out/router_real.json and .md.
@@ -62,6 +72,7 @@ from kvmesh.cluster import loadgen
 from kvmesh.cluster.app_config import AppConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
+import router_peers
 from serve_bench import free_port
 
 OUT = Path(__file__).parent / "out"
@@ -76,6 +87,8 @@ ROUTERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ray_prefix_affinity": (PCAR, {"imbalanced_threshold": 10, "match_rate_threshold": 0.1}),
     "prefix_aware": ("prefix_aware", {}),
 }
+"""Routers inside kvmesh's app (Serve request routers); the peers are ``router_peers.PEERS``."""
+ALL_ROUTERS = [*ROUTERS, *router_peers.PEERS]
 
 
 # ---- the workload ----------------------------------------------------------------------------
@@ -188,12 +201,14 @@ async def run_sessions(
         return sent, time.perf_counter() - t0
 
 
-def metric_sums(url: str) -> dict[str, float]:
+def metric_sums(
+    url: str, families: tuple[str, ...] = ("kvmesh:prefix_cache", "kvmesh:router_")
+) -> dict[str, float]:
     """Counter totals from the app's merged ``/metrics`` (replica and router families)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if not family.name.startswith(("kvmesh:prefix_cache", "kvmesh:router_")):
+        if not family.name.startswith(families):
             continue
         for s in family.samples:
             if s.name.endswith("_total"):
@@ -208,10 +223,37 @@ def app_config(args: argparse.Namespace, router: str, port: int) -> AppConfig:
     request_router, options = ROUTERS[router]
     if router == "prefix_aware":
         options = {**options, **args.prefix_aware_options}
+    return _app_config(
+        args, f"rb-{router.replace('_', '-')}", port, args.replicas, request_router, options
+    )
+
+
+def backend_configs(args: argparse.Namespace, router: str, port: int) -> list[AppConfig]:
+    """A peer router's backends: one single-replica kvmesh app per replica, each under its own
+    route prefix of the one Serve instance (Serve has one HTTP port for all its apps), with
+    the same replica settings as the kvmesh routers' app. With one replica the Serve router
+    never chooses; the peer does."""
+    name = f"rb-{router.replace('_', '-')}"
+    return [
+        _app_config(args, f"{name}-b{i}", port, 1, "power_of_two", {}, route_prefix=f"/b{i}")
+        for i in range(args.replicas)
+    ]
+
+
+def _app_config(
+    args: argparse.Namespace,
+    name: str,
+    port: int,
+    replicas: int,
+    request_router: str,
+    options: dict[str, Any],
+    route_prefix: str = "/",
+) -> AppConfig:
     return AppConfig.model_validate(
         {
-            "name": f"rb-{router.replace('_', '-')}",
+            "name": name,
             "port": port,
+            "route_prefix": route_prefix,
             "models": [
                 {
                     "name": MODEL,
@@ -223,7 +265,7 @@ def app_config(args: argparse.Namespace, router: str, port: int) -> AppConfig:
                         "max_num_batched_tokens": args.chunk_tokens,
                         "num_kv_blocks": args.kv_blocks,
                     },
-                    "replicas": args.replicas,
+                    "replicas": replicas,
                     "num_cpus": 0.5,
                     "torch_threads": args.torch_threads,
                     "max_pending_requests": 1024,
@@ -304,6 +346,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     try:
         for router in args.routers:
+            if router in router_peers.PEERS:
+                runs[router] = run_peer(args, router, port, work)
+                print(f"{router}: {one_line(runs[router])}", flush=True)
+                continue
             config = app_config(args, router, port)
             started = time.perf_counter()
             serve.run(build_app(config), name=config.name, route_prefix="/")
@@ -334,6 +380,70 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "runs": runs,
     }
+
+
+SUCCESS = "kvmesh:request_success_total"
+
+
+def run_peer(args: argparse.Namespace, router: str, port: int, work: Workload) -> dict[str, Any]:
+    """One peer router in front of fresh single-replica kvmesh backends (fresh replicas, empty
+    caches, a fresh router process), all of it torn down afterwards."""
+    from ray import serve
+
+    from kvmesh.cluster.app import build_app
+    from kvmesh.cluster.serve_cmd import wait_until_ready
+
+    configs = backend_configs(args, router, port)
+    backends = [c.url for c in configs]
+    logs = Path(args.out).parent / "router_real_logs"
+    families = ("kvmesh:prefix_cache", "kvmesh:request_success")
+    started = time.perf_counter()
+    try:
+        for c in configs:
+            serve.run(build_app(c), name=c.name, route_prefix=c.route_prefix)
+        for url in backends:
+            wait_until_ready(url, timeout_s=600, log=lambda *_: None)
+            warm_up(url, 1)  # each backend directly: the peer's own state starts empty too
+        shim_port, peer_port, metrics_port = free_port(), free_port(), free_port()
+        upstream = f"http://127.0.0.1:{port}"
+        engine = configs[0].models[0].engine.model_dump(exclude_defaults=True)
+        shim_log = logs / f"{router}.shim.log"
+        with router_peers.shim(shim_port, upstream, engine, shim_log) as shim_url:
+            workers = [f"{shim_url}{c.route_prefix}" for c in configs]
+            log = logs / f"{router}.log"
+            with router_peers.peer(router, peer_port, metrics_port, workers, log) as url:
+                print(f"# {router}: ready in {time.perf_counter() - started:.0f}s", flush=True)
+                time.sleep(2.5)  # the warm-up's counters reach /metrics before "before"
+                before = [metric_sums(b, families) for b in backends]
+                sent, duration = asyncio.run(
+                    run_sessions(url, work, args.output_tokens, args.timeout_s)
+                )
+                time.sleep(2.5)  # let the replicas push their last counters
+                after = [metric_sums(b, families) for b in backends]
+                peer_metrics = router_peers.peer_counters(metrics_port)
+                calls = httpx.get(f"{shim_url}/__shim/calls", timeout=10).json()
+    finally:
+        for c in configs:
+            serve.delete(c.name)
+    summary = summarize(sent, duration, _add(before), _add(after))
+    summary["peer_metrics"] = peer_metrics
+    summary["backend_calls"] = calls
+    if None in summary["requests_per_replica"]:
+        # The peer dropped kvmesh's x-kvmesh-replica header: count each backend's finished
+        # requests instead (one replica per backend, so a backend is a replica).
+        summary["requests_per_replica"] = {
+            c.route_prefix: a.get(SUCCESS, 0.0) - b.get(SUCCESS, 0.0)
+            for c, b, a in zip(configs, before, after, strict=True)
+        }
+        summary["requests_per_replica_source"] = f"{SUCCESS} per backend"
+    return summary
+
+
+def _add(sums: list[dict[str, float]]) -> dict[str, float]:
+    total: Counter[str] = Counter()
+    for s in sums:
+        total.update(s)
+    return dict(total)
 
 
 def one_line(s: dict[str, Any]) -> str:
@@ -373,10 +483,20 @@ def markdown(report: dict[str, Any]) -> str:
             f"{sorted(s['requests_per_replica'].values(), reverse=True)} |"
         )
     runs = report["runs"]
+    peers = [name for name in runs if name in router_peers.PEERS]
+    if peers:
+        lines += [
+            "",
+            f"Peers ({', '.join(peers)}): each replica its own single-replica kvmesh app, the "
+            "peer on loopback in front of them (through bench/router_peers.py's shim).",
+        ]
+        for name in peers:
+            if source := runs[name].get("requests_per_replica_source"):
+                lines.append(f"- {name}: per-replica counts from {source}")
     if "prefix_aware" in runs:
         ours = runs["prefix_aware"]["ttft_ms"]["p90"]
         lines.append("")
-        for other in ("ray_prefix_affinity", "power_of_two", "round_robin"):
+        for other in (*router_peers.PEERS, "ray_prefix_affinity", "power_of_two", "round_robin"):
             theirs = runs.get(other, {}).get("ttft_ms", {}).get("p90")
             if ours and theirs:
                 lines.append(f"- TTFT p90 prefix_aware / {other}: {ours / theirs:.2f}x")
@@ -391,7 +511,7 @@ def _range(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model dir (default: embedded SmolLM2)")
-    p.add_argument("--routers", default=",".join(ROUTERS))
+    p.add_argument("--routers", default=",".join(ALL_ROUTERS))
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--kv-blocks", type=int, default=384, help="per replica, 16 tokens each")
@@ -423,9 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         args.session_rate, args.think_s = 0.5, 0.5
         args.out += "_smoke"
     args.routers = args.routers.split(",")
-    unknown = sorted(set(args.routers) - set(ROUTERS))
+    unknown = sorted(set(args.routers) - set(ALL_ROUTERS))
     if unknown:
-        p.error(f"unknown routers {unknown}; choose from {sorted(ROUTERS)}")
+        p.error(f"unknown routers {unknown}; choose from {ALL_ROUTERS}")
+    for router in set(args.routers) & set(router_peers.PEERS):
+        router_peers.binary(router)  # installed? Say so now, not after the first runs
     report = run(args)
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
