@@ -31,9 +31,11 @@ Routers compared, in the same run:
 The peer routers (``bench/router_peers.py``, installed in their own virtual environment) run
 as they are deployed: each replica is its own kvmesh server with one replica (an app of its
 own under ``/b<i>`` of the same Serve instance, identical replicas), and the peer runs on
-loopback in front of them, through a pass-through proxy that makes their requests acceptable
-to kvmesh (see ``router_peers``). Their per-replica spread comes from the ``x-kvmesh-replica``
-header when the peer passes it on, else from each backend's ``kvmesh:request_success`` counter.
+loopback in front of them, talking to them directly (``router_peers``: kvmesh accepts the
+fields the peers add and answers vllm-router's ``/tokenize`` and sglang-router's
+``/get_load``). Their per-replica spread comes from the ``x-kvmesh-replica`` header when the
+peer passes it on, else from each backend's ``kvmesh:request_success`` counter; what each peer
+asked of the backends is in ``backend_calls`` (from their ``kvmesh:http_requests``).
 
 Reported per router: TTFT p50/p90/p99 and mean, end-to-end latency, request and token
 throughput, the prefix-cache hit rate from the replicas' own counters
@@ -404,30 +406,28 @@ def run_peer(args: argparse.Namespace, router: str, port: int, work: Workload) -
         for url in backends:
             wait_until_ready(url, timeout_s=600, log=lambda *_: None)
             warm_up(url, 1)  # each backend directly: the peer's own state starts empty too
-        shim_port, peer_port, metrics_port = free_port(), free_port(), free_port()
-        upstream = f"http://127.0.0.1:{port}"
-        engine = configs[0].models[0].engine.model_dump(exclude_defaults=True)
-        shim_log = logs / f"{router}.shim.log"
-        with router_peers.shim(shim_port, upstream, engine, shim_log) as shim_url:
-            workers = [f"{shim_url}{c.route_prefix}" for c in configs]
-            log = logs / f"{router}.log"
-            with router_peers.peer(router, peer_port, metrics_port, workers, log) as url:
-                print(f"# {router}: ready in {time.perf_counter() - started:.0f}s", flush=True)
-                time.sleep(2.5)  # the warm-up's counters reach /metrics before "before"
-                before = [metric_sums(b, families) for b in backends]
-                sent, duration = asyncio.run(
-                    run_sessions(url, work, args.output_tokens, args.timeout_s)
-                )
-                time.sleep(2.5)  # let the replicas push their last counters
-                after = [metric_sums(b, families) for b in backends]
-                peer_metrics = router_peers.peer_counters(metrics_port)
-                calls = httpx.get(f"{shim_url}/__shim/calls", timeout=10).json()
+        peer_port, metrics_port = free_port(), free_port()
+        calls_before = _add_calls(http_calls(b) for b in backends)
+        log = logs / f"{router}.log"
+        # The peer talks to the backends directly: kvmesh takes its requests as they come.
+        with router_peers.peer(router, peer_port, metrics_port, backends, log) as url:
+            print(f"# {router}: ready in {time.perf_counter() - started:.0f}s", flush=True)
+            time.sleep(2.5)  # the warm-up's counters reach /metrics before "before"
+            before = [metric_sums(b, families) for b in backends]
+            sent, duration = asyncio.run(
+                run_sessions(url, work, args.output_tokens, args.timeout_s)
+            )
+            time.sleep(2.5)  # let the replicas push their last counters
+            after = [metric_sums(b, families) for b in backends]
+            peer_metrics = router_peers.peer_counters(metrics_port)
+            calls = _add_calls(http_calls(b) for b in backends)
+            calls.subtract(calls_before)
     finally:
         for c in configs:
             serve.delete(c.name)
     summary = summarize(sent, duration, _add(before), _add(after))
     summary["peer_metrics"] = peer_metrics
-    summary["backend_calls"] = calls
+    summary["backend_calls"] = {k: v for k, v in sorted(calls.items()) if v}
     if None in summary["requests_per_replica"]:
         # The peer dropped kvmesh's x-kvmesh-replica header: count each backend's finished
         # requests instead (one replica per backend, so a backend is a replica).
@@ -437,6 +437,26 @@ def run_peer(args: argparse.Namespace, router: str, port: int, work: Workload) -
         }
         summary["requests_per_replica_source"] = f"{SUCCESS} per backend"
     return summary
+
+
+def http_calls(url: str) -> Counter[str]:
+    """The backend's answered HTTP requests, ``"<endpoint> <status>"`` -> count (what the peer
+    asked of it: health checks, probes, ``/tokenize``, ``/get_load``, generations)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name == "kvmesh:http_requests":
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    out[f"{s.labels['endpoint']} {s.labels['status']}"] += s.value
+    return out
+
+
+def _add_calls(counts) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for c in counts:
+        total.update(c)
+    return total
 
 
 def _add(sums: list[dict[str, float]]) -> dict[str, float]:
@@ -488,7 +508,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"Peers ({', '.join(peers)}): each replica its own single-replica kvmesh app, the "
-            "peer on loopback in front of them (through bench/router_peers.py's shim).",
+            "peer on loopback in front of them, talking to them directly.",
         ]
         for name in peers:
             if source := runs[name].get("requests_per_replica_source"):

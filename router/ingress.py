@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect
 
 from kvmesh.replicas.sampling_params import SamplingParams
 from kvmesh.replicas.serve_messages import ReplicaChunk, ReplicaRequest
-from kvmesh.router import autoscaler_reports, limits, tool_output
+from kvmesh.router import autoscaler_reports, limits, tokenize_api, tool_output
 from kvmesh.router import openai_format as fmt
 from kvmesh.router.auth import APIKeyAuth, keys_from_env, keys_from_file
 from kvmesh.router.errors import APIError, from_validation_error
@@ -543,6 +543,20 @@ def build_api(ing: Ingress) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         return ok(request, await ing.chat(request))
+
+    # What routers in front of kvmesh ask each worker (vLLM's and SGLang's endpoints).
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return ok(request, JSONResponse(await tokenize_api.tokenize(ing, request)))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return ok(request, JSONResponse(await tokenize_api.detokenize(ing, request)))
+
+    @app.get("/get_load")
+    async def get_load(request: Request) -> Response:
+        ing.auth.check(request.headers.get("authorization"))
+        return ok(request, JSONResponse(await tokenize_api.load(ing)))
 
     @app.get("/openapi.json")
     async def openapi(request: Request) -> Response:

@@ -22,7 +22,12 @@ from pydantic import BaseModel
 
 from kvmesh.router.errors import _TYPES as ERROR_TYPES
 from kvmesh.router.limits import MAX_SESSION_ID_CHARS
-from kvmesh.router.protocol import ChatCompletionRequest, CompletionRequest
+from kvmesh.router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -211,7 +216,34 @@ def _response_schemas() -> dict[str, Schema]:
         },
         additionalProperties=False,
     )
+    token_id = {"type": "integer", "minimum": 0}
+    tokenized = obj(
+        {
+            "count": COUNT,
+            "max_model_len": {"type": "integer", "minimum": 1},
+            "tokens": {"type": "array", "items": token_id},
+            "token_strs": nullable({"type": "array", "items": STR}),
+        },
+        description="The token ids a replica is given for that prompt or conversation; "
+        "`token_strs` only with `return_token_strs`.",
+    )
+    load_entry = obj(
+        {
+            "dp_rank": COUNT,
+            "num_reqs": COUNT,
+            "num_waiting_reqs": COUNT,
+            "num_tokens": COUNT,
+            "model": STR,
+            "replica": STR,
+        },
+        description="One replica's load, in SGLang's shape: requests running or queued, "
+        "of which queued; `num_tokens`: KV-cache tokens held by requests plus prompt tokens "
+        "queued for prefill.",
+    )
     return {
+        "TokenizeResponse": tokenized,
+        "DetokenizeResponse": obj({"prompt": STR}),
+        "ReplicaLoad": load_entry,
         "Usage": usage,
         "CompletionLogprobs": completion_logprobs,
         "ChatTokenLogprob": token_logprob,
@@ -395,6 +427,52 @@ def _build() -> dict[str, Any]:
                 },
             }
         },
+        "/tokenize": {
+            "post": {
+                "operationId": "tokenize",
+                "summary": "A prompt's or a conversation's token ids (vLLM's /tokenize)",
+                "description": "The ids the generation endpoints give a replica: `prompt` as "
+                "`/v1/completions` tokenises it, `messages` (and `tools`) through the chat "
+                "template as `/v1/chat/completions` does. Prompts longer than the context are "
+                "counted, not refused.",
+                "requestBody": {
+                    "required": True,
+                    "content": {JSON: {"schema": ref("TokenizeRequest")}},
+                },
+                "responses": {
+                    "200": json_response("The token ids.", ref("TokenizeResponse")),
+                    **{str(s): error_response(s) for s in (400, 401, 404, 413)},
+                },
+            }
+        },
+        "/detokenize": {
+            "post": {
+                "operationId": "detokenize",
+                "summary": "Token ids back to text (vLLM's /detokenize)",
+                "requestBody": {
+                    "required": True,
+                    "content": {JSON: {"schema": ref("DetokenizeRequest")}},
+                },
+                "responses": {
+                    "200": json_response("The text.", ref("DetokenizeResponse")),
+                    **{str(s): error_response(s) for s in (400, 401, 404, 413)},
+                },
+            }
+        },
+        "/get_load": {
+            "get": {
+                "operationId": "getLoad",
+                "summary": "Each replica's load (SGLang's /get_load, for sglang-router)",
+                "responses": {
+                    "200": json_response(
+                        "One entry per live replica.",
+                        {"type": "array", "items": ref("ReplicaLoad")},
+                    ),
+                    "401": error_response(401),
+                    "503": error_response(503, HUB_DOWN),
+                },
+            }
+        },
         "/health": {
             "get": {
                 "operationId": "health",
@@ -480,7 +558,9 @@ def _build() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": {
-                **_request_schemas(CompletionRequest, ChatCompletionRequest),
+                **_request_schemas(
+                    CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest
+                ),
                 **_response_schemas(),
             },
             "securitySchemes": {

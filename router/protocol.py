@@ -3,15 +3,28 @@
 Strict mode means ``"max_tokens": "5"`` or ``"stream": 1`` is rejected rather than coerced (an
 integer is still a valid float, as in JSON). Beyond OpenAI's fields we accept vLLM's
 ``top_k``, ``min_p``, ``ignore_eos``, ``min_tokens`` and ``repetition_penalty``: load
-generators use them to force output lengths.
+generators use them to force output lengths. ``PEER_ROUTER_FIELDS`` are fields that routers
+in front of kvmesh add to every request: accepted at their no-op defaults only. The bodies of
+vLLM's ``/tokenize`` and ``/detokenize`` are here too (``router.tokenize_api`` answers them).
 """
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    RootModel,
+    Tag,
+    create_model,
+    model_validator,
+)
 
 from kvmesh.replicas.sampling_params import API_BOUNDS, SamplingParams
 from kvmesh.replicas.structured.params import MAX_CHOICES, StructuredOutputsParams
@@ -34,6 +47,57 @@ MAX_TOOLS = 128
 class _Strict(BaseModel):
     # NaN and infinities are not JSON, and no field means anything by them.
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# Routers put in front of OpenAI-compatible servers (sglang-router, vllm-router) re-serialise
+# every request with SGLang / vLLM extension fields set to these values (seen on the wire from
+# sglang-router 0.3.2 and vllm-router 0.1.17), and vLLM's own server ignores fields it does not
+# know. At these values each asks for what kvmesh does anyway (special tokens skipped, stop
+# strings trimmed, no reasoning parser, no hidden states, the assistant cue appended, no echo),
+# so they are accepted and ignored; any other value is a 400 naming the field, and every other
+# unknown field stays a 400. Field -> (the one value accepted, the endpoints it goes with).
+PEER_ROUTER_FIELDS: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "no_stop_trim": (False, ("completions", "chat")),
+    "skip_special_tokens": (True, ("completions", "chat")),
+    "return_hidden_states": (False, ("completions", "chat")),
+    "continue_final_message": (False, ("chat",)),
+    "separate_reasoning": (True, ("chat",)),
+    "stream_reasoning": (True, ("chat",)),
+    "include_reasoning": (True, ("chat",)),  # vllm-router only
+    "echo": (False, ("completions",)),  # OpenAI's own field; kvmesh never echoes the prompt
+}
+
+
+def _only(name: str, default: bool, why: str):
+    """A before-validator: ``default`` passes, anything else is a 400 naming ``name``."""
+
+    def check(value: Any) -> Any:
+        if type(value) is not bool or value != default:
+            raise ValueError(
+                f"{name}: kvmesh does not support {name}={json.dumps(value)[:32]}; only "
+                f"{json.dumps(default)} ({why})"
+            )
+        return value
+
+    return BeforeValidator(check)
+
+
+def _peer_router_fields(endpoint: str) -> type[_Strict]:
+    """A base model holding ``endpoint``'s ``PEER_ROUTER_FIELDS`` (so the OpenAPI document
+    shows them, each with its one accepted value)."""
+    fields: dict[str, Any] = {
+        name: (
+            Annotated[Literal[default], _only(name, default, "its default, ignored")],  # type: ignore[valid-type]
+            Field(
+                default=default,
+                description="Accepted only at this value, and ignored: routers in front of "
+                "kvmesh (sglang-router, vllm-router) add it to every request.",
+            ),
+        )
+        for name, (default, endpoints) in PEER_ROUTER_FIELDS.items()
+        if endpoint in endpoints
+    }
+    return create_model(f"_PeerRouter{endpoint.title()}Fields", __base__=_Strict, **fields)
 
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
@@ -191,7 +255,7 @@ Prompt = (
 )
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(_peer_router_fields("completions"), _SamplingRequest):
     prompt: Prompt
     logprobs: int | None = Field(default=None, **API_BOUNDS["logprobs"].field())
 
@@ -284,7 +348,7 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(_peer_router_fields("chat"), _SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: int | None = Field(default=None, **API_BOUNDS["max_tokens"].field())
     logprobs: bool = False
@@ -342,3 +406,69 @@ class ChatCompletionRequest(_SamplingRequest):
         limit = self.max_completion_tokens or self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling(limit, logprobs)
+
+
+# ---- vLLM's /tokenize and /detokenize -------------------------------------------------------
+# A conversation is tokenised only as /v1/chat/completions tokenises it (assistant cue, no
+# added special tokens): other flags would give ids no kvmesh request is ever given, so they
+# are refused by name rather than answered.
+_CHAT_ENCODING = "what kvmesh's chat completions use"
+
+
+class TokenizeCompletionRequest(_Strict):
+    """A prompt, tokenised as ``/v1/completions`` tokenises it (``add_special_tokens``
+    true); false leaves the tokenizer's special tokens (a BOS, say) out."""
+
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Strict):
+    """A conversation through the model's chat template, as ``/v1/chat/completions`` renders it
+    (with the assistant cue, and ``tools`` when given)."""
+
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    add_generation_prompt: Annotated[
+        Literal[True], _only("add_generation_prompt", True, _CHAT_ENCODING)
+    ] = True
+    continue_final_message: Annotated[
+        Literal[False], _only("continue_final_message", False, _CHAT_ENCODING)
+    ] = False
+    add_special_tokens: Annotated[
+        Literal[False], _only("add_special_tokens", False, _CHAT_ENCODING)
+    ] = False
+    return_token_strs: bool = False
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+
+    def conversation(self) -> list[dict[str, Any]]:
+        return [m.for_template() for m in self.messages]
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+
+def _tokenize_form(body: Any) -> str:
+    """The form a ``/tokenize`` body is in (its tag): messages if it has them, else a prompt."""
+    return (
+        "tokenize-messages" if isinstance(body, dict) and "messages" in body else "tokenize-prompt"
+    )
+
+
+class TokenizeRequest(
+    RootModel[
+        Annotated[
+            Annotated[TokenizeCompletionRequest, Tag("tokenize-prompt")]
+            | Annotated[TokenizeChatRequest, Tag("tokenize-messages")],
+            Discriminator(_tokenize_form),
+        ]
+    ]
+):
+    """vLLM's ``/tokenize`` body: a prompt, or messages (the form with ``messages``)."""
+
+
+class DetokenizeRequest(_Strict):
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    tokens: list[TokenId]
