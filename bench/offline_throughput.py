@@ -2,15 +2,20 @@
 
     .venv/bin/python bench/offline_throughput.py [--vllm-python /path/to/vllm-venv/bin/python]
     .venv/bin/python bench/offline_throughput.py \
-        --engines kvmesh,kvmesh@bfloat16,vllm-bound,vllm-bound@bfloat16
+        --engines kvmesh,kvmesh-unpacked,kvmesh@bfloat16,vllm-bound,vllm-bound@bfloat16
+    .venv/bin/python bench/offline_throughput.py --workload shared-prefix \
+        --engines kvmesh,vllm-bound
 
 An engine name may carry ``@dtype`` (float32 by default): each engine at its best dtype for
-this CPU is then compared as well as both in float32.
+this CPU is then compared as well as both in float32. ``kvmesh-unpacked`` is kvmesh with
+``KVMESH_CPU_PACKED_LINEAR=0`` (plain ``F.linear``), for the A/B of the packed CPU linears.
 
-64 requests, prompts U[32, 512] tokens, outputs U[32, 256] tokens forced with ignore_eos,
-greedy. Every engine runs in its own subprocess on the same workload, one after the other, so
-they never share the two cores. Prints one JSON document with each engine's tokens/s and the
-ratios against kvmesh.
+Workloads (``bench/workloads.py``'s ``offline_workload``): ``mixed`` (default), 64 requests,
+prompts U[32, 512] tokens, outputs U[32, 256]; ``shared-prefix``, 8 groups of 8 requests on
+a 448-token prefix each plus 32 tokens of their own, 64 outputs, with prefix caching on in
+every engine (off for ``mixed``). Outputs forced with ignore_eos, greedy. Every engine runs in
+its own subprocess on the same workload, one after the other, so they never share the two
+cores. Prints one JSON document with each engine's tokens/s and the ratios against kvmesh.
 """
 
 from __future__ import annotations
@@ -25,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serving_harness import vllm_scratch_env
-from workloads import random_requests
+from workloads import offline_workload
 
 
 def workload(args):
-    return random_requests(args.num_requests, (32, 512), (32, 256), seed=args.seed)
+    return offline_workload(args.workload, args.num_requests, args.seed)
 
 
 def run_kvmesh(args) -> dict:
@@ -38,7 +43,12 @@ def run_kvmesh(args) -> dict:
 
     reqs = workload(args)
     t0 = time.perf_counter()
-    llm = LLM(str(resolve_model_dir(None)), max_num_seqs=args.num_requests, dtype=args.dtype)
+    llm = LLM(
+        str(resolve_model_dir(None)),
+        max_num_seqs=args.num_requests,
+        dtype=args.dtype,
+        enable_prefix_caching=args.workload == "shared-prefix",
+    )
     load_s = time.perf_counter() - t0
     start = time.perf_counter()
     outs = llm.generate(
@@ -91,11 +101,11 @@ def run_hf(args) -> dict:
 VLLM_SCRIPT = r"""
 import json, sys, time
 sys.path.insert(0, {bench!r})
-from workloads import random_requests
+from workloads import offline_workload
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
-reqs = random_requests({n}, (32, 512), (32, 256), seed={seed})
-llm = LLM(model={model!r}, dtype={dtype!r}, enable_prefix_caching=False, seed=0)
+reqs = offline_workload({workload!r}, {n}, {seed})
+llm = LLM(model={model!r}, dtype={dtype!r}, enable_prefix_caching={caching}, seed=0)
 start = time.perf_counter()
 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in reqs],
                     [SamplingParams(max_tokens=k, ignore_eos=True, temperature=0) for _, k in reqs])
@@ -117,6 +127,8 @@ def run_vllm(args, bind_both_cores: bool, dtype: str = "float32") -> dict:
         env.update(VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_OMP_THREADS_BIND="0-1")
     code = VLLM_SCRIPT.format(
         bench=str(Path(__file__).parent),
+        workload=args.workload,
+        caching=args.workload == "shared-prefix",
         n=args.num_requests,
         seed=args.seed,
         model=str(resolve_model_dir(None)),
@@ -154,6 +166,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workload", choices=["mixed", "shared-prefix"], default="mixed")
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--engines", default="kvmesh,hf,vllm,vllm-bound")
     ap.add_argument("--vllm-python", default="/work/peers/vllm-venv/bin/python")
@@ -173,11 +186,16 @@ def main() -> None:
         if engine.startswith("vllm"):
             r = run_vllm(args, bind_both_cores=engine == "vllm-bound", dtype=dtype)
         else:
+            worker, env = engine, dict(os.environ)
+            if engine == "kvmesh-unpacked":
+                worker, env["KVMESH_CPU_PACKED_LINEAR"] = "kvmesh", "0"
             cmd = [
                 sys.executable,
                 __file__,
                 "--worker",
-                engine,
+                worker,
+                "--workload",
+                args.workload,
                 "--dtype",
                 dtype,
                 "--num-requests",
@@ -187,18 +205,22 @@ def main() -> None:
                 "--hf-batch",
                 str(args.hf_batch),
             ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             r = json.loads(line[7:]) if line else {"error": proc.stderr[-2000:]}
         results.append(summarize(name, r, total_prompt))
         print(json.dumps(results[-1]), file=sys.stderr)
     done = [r for r in results if "total_tok_s" in r]
+
+    def is_ours(r: dict) -> bool:  # kvmesh as it ships, at any dtype
+        return r["engine"].partition("@")[0] == "kvmesh"
+
     ratios = {
         f"{a['engine']} / {b['engine']}": round(a["total_tok_s"] / b["total_tok_s"], 3)
         for a in done
-        if a["engine"].startswith("kvmesh")
+        if is_ours(a)
         for b in done
-        if not b["engine"].startswith("kvmesh")
+        if not is_ours(b)
     }
     ours = next((r for r in results if r["engine"] == "kvmesh" and "total_tok_s" in r), None)
     if ours:
@@ -211,6 +233,7 @@ def main() -> None:
         json.dumps(
             {
                 "workload": {
+                    "name": args.workload,
                     "num_requests": args.num_requests,
                     "prompt_tokens": total_prompt,
                     "seed": args.seed,

@@ -32,3 +32,17 @@ def shared_prefix_requests(
         for _ in range(per_group):
             prompts.append(prefix + [rng.randrange(LOW_ID, HIGH_ID) for _ in range(suffix_len)])
     return prompts
+
+
+def offline_workload(name: str, n: int, seed: int) -> list[tuple[list[int], int]]:
+    """The offline throughput workloads, as (prompt token ids, forced output length) pairs.
+
+    ``mixed``: ``n`` prompts of U[32, 512] tokens, outputs U[32, 256].
+    ``shared-prefix``: 8 groups of ``n // 8`` prompts, each group on one 448-token prefix plus
+    32 tokens of its own, 64 output tokens each (run with prefix caching on)."""
+    if name == "mixed":
+        return random_requests(n, (32, 512), (32, 256), seed=seed)
+    if name == "shared-prefix":
+        prompts = shared_prefix_requests(8, max(1, n // 8), 448, 32, seed=seed + 1)
+        return [(p, 64) for p in prompts]
+    raise ValueError(f"unknown workload {name!r}: use mixed or shared-prefix")

@@ -9,6 +9,13 @@ from __future__ import annotations
 import os
 
 from kvmesh.kernels import torch_ops
+from kvmesh.kernels.cpu_linear import (
+    PackableLinear,
+    pack_linear_weight,
+    packed_linear,
+    packing_enabled,
+    packing_supported,
+)
 from kvmesh.kernels.metadata import AttentionMetadata, KVCacheLayer
 
 
@@ -53,7 +60,12 @@ paged_attention = _BACKEND.paged_attention
 __all__ = [
     "AttentionMetadata",
     "KVCacheLayer",
+    "PackableLinear",
     "kernel_backend",
+    "pack_linear_weight",
+    "packed_linear",
+    "packing_enabled",
+    "packing_supported",
     "paged_attention",
     "reshape_and_cache",
     "rms_norm",

@@ -17,6 +17,7 @@ import torch
 from kvmesh.kernels import AttentionMetadata, KVCacheLayer
 from kvmesh.replicas import capacity
 from kvmesh.replicas.model_arch import ModelArchConfig
+from kvmesh.replicas.models.llama import LlamaForCausalLM
 from kvmesh.replicas.sampler import SamplingRow, sample
 from kvmesh.replicas.step_types import RunnerOutput, ScheduledChunk, SchedulerOutput
 from kvmesh.replicas.structured.bitmask import apply_bitmask
@@ -156,13 +157,16 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: LlamaForCausalLM,
         kv_caches: list[KVCacheLayer],
         device,
         block_size: int = 16,
         eos_token_ids: list[int] | tuple[int, ...] = (),
     ) -> None:
         self.model = model
+        # On a CPU the linear weights go into oneDNN's layout once, here, where every
+        # process that runs the model (an engine, a tensor-parallel rank) passes.
+        self.packed_linear_layers = model.pack_linear_layers()
         self.kv_caches = kv_caches
         self.device = device
         self.block_size = block_size

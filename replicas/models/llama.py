@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kvmesh import kernels
-from kvmesh.kernels import AttentionMetadata, KVCacheLayer
+from kvmesh.kernels import AttentionMetadata, KVCacheLayer, PackableLinear
 from kvmesh.replicas.model_arch import ModelArchConfig
 from kvmesh.replicas.models.rope import build_cos_sin_cache
 from kvmesh.replicas.tp.layers import TPShard, row_parallel_linear, vocab_embedding
@@ -47,7 +47,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.sliding_window = cfg.sliding_window
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = PackableLinear(
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
         )
         self.o_proj = row_parallel_linear(self.q_size, cfg.hidden_size, tp)
@@ -78,7 +78,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelArchConfig, tp: TPShard | None = None) -> None:
         super().__init__()
         inter = cfg.intermediate_size if tp is None else tp.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.gate_up_proj = PackableLinear(cfg.hidden_size, 2 * inter, bias=False)
         self.down_proj = row_parallel_linear(inter, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,11 +116,13 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(cfg, self.cos_sin_cache, tp) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # The tied head's packed copy of the embedding (the lookup keeps the plain one).
+        self.packed_tied_head: torch.Tensor | None = None
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
             vocab = cfg.vocab_size if tp is None else tp.vocab_per_rank
-            self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
+            self.lm_head = PackableLinear(cfg.hidden_size, vocab, bias=False)
 
     def init_rope(self, device: torch.device) -> None:
         """Build the RoPE table (float32 whatever the model dtype), shared by every layer."""
@@ -152,9 +154,30 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
+    def pack_linear_layers(self) -> bool:
+        """On a CPU, move every linear weight into oneDNN's packed layout (``kernels``'s
+        ``cpu_linear``); returns whether it did. Call once the weights are loaded."""
+        weight = self.embed_tokens.weight
+        if not (
+            weight.device.type == "cpu"
+            and kernels.packing_enabled()
+            and kernels.packing_supported(weight.dtype)
+        ):
+            return False
+        for module in self.modules():
+            if isinstance(module, PackableLinear):
+                module.pack()
+        if self.lm_head is None and self.packed_tied_head is None:
+            self.packed_tied_head = kernels.pack_linear_weight(weight)
+        return True
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = torch.nn.functional.linear(hidden, weight)
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden)
+        elif self.packed_tied_head is not None:
+            logits = kernels.packed_linear(hidden, self.packed_tied_head, None)
+        else:
+            logits = torch.nn.functional.linear(hidden, self.embed_tokens.weight)
         if self.tp is not None:
             logits = self.tp.gather_vocab(logits)  # rank 0 samples; others get [0, V]
         return logits.float()

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvmesh.kernels import PackableLinear
 from kvmesh.replicas.model_arch import ModelArchConfig
 
 if TYPE_CHECKING:
@@ -149,8 +150,8 @@ class TPShard:
         return torch.cat(parts, dim=-1)[:, : self.vocab_size]
 
 
-class RowParallelLinear(nn.Linear):
-    """``nn.Linear`` over this rank's slice of the input features; an all-reduce sums the
+class RowParallelLinear(PackableLinear):
+    """A linear layer over this rank's slice of the input features; an all-reduce sums the
     ranks' partial outputs. Subclassing keeps the parameter name (``weight``) unchanged."""
 
     def __init__(self, in_features: int, out_features: int, shard: TPShard) -> None:
@@ -158,7 +159,7 @@ class RowParallelLinear(nn.Linear):
         self.shard = shard
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shard.all_reduce(F.linear(x, self.weight))
+        return self.shard.all_reduce(super().forward(x))
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -177,11 +178,11 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.shard.all_reduce(x)
 
 
-def row_parallel_linear(in_features: int, out_features: int, tp: TPShard | None) -> nn.Linear:
-    """A bias-free output projection: plain ``nn.Linear`` without TP, row-parallel with it.
+def row_parallel_linear(in_features: int, out_features: int, tp: TPShard | None) -> PackableLinear:
+    """A bias-free output projection: a plain linear layer without TP, row-parallel with it.
     ``in_features`` is this rank's share."""
     if tp is None:
-        return nn.Linear(in_features, out_features, bias=False)
+        return PackableLinear(in_features, out_features, bias=False)
     return RowParallelLinear(in_features, out_features, tp)
 
 
