@@ -20,7 +20,18 @@ def rms_norm(
     """``(norm(x + residual) * weight, x + residual)``; the sum is the next residual.
 
     Computed in float32 and cast back, as transformers does, so greedy outputs match it.
+    On a CPU in float32 this is one fused C++ pass per row (``cpu_native``).
     """
+    native = _native_elementwise(x, weight, residual)
+    if native is not None and x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1):
+        hidden = x.shape[-1]
+        out, summed = native.rms_norm(
+            x.reshape(-1, hidden),
+            None if residual is None else residual.reshape(-1, hidden),
+            weight.contiguous(),
+            eps,
+        )
+        return out.view(x.shape), summed.view(x.shape)
     if residual is not None:
         x = x + residual
     h = x.float()
@@ -39,6 +50,15 @@ def rotary_embedding(
     ``cos_sin_cache[pos]`` holds ``cos`` in its first ``D/2`` entries and ``sin`` in the rest.
     """
     half = cos_sin_cache.shape[1] // 2
+    native = _native_elementwise(q, k, cos_sin_cache)
+    if (
+        native is not None
+        and 2 * half == q.shape[-1] == k.shape[-1]
+        and q.stride(-2) == k.stride(-2) == q.shape[-1]
+        and positions.dtype == torch.int64
+    ):
+        native.rotary_embedding(positions.contiguous(), q, k, cos_sin_cache.contiguous())
+        return
     # Every layer rotates the same positions: look the rows up once per step.
     memo = _ROPE_MEMO.get("last")
     if memo is not None and memo[0] is positions and memo[1] is cos_sin_cache:
@@ -57,6 +77,11 @@ def rotary_embedding(
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[:, :I]) * x[:, I:]`` for the fused gate/up projection output."""
+    native = _native_elementwise(x)
+    if native is not None and x.stride(-1) == 1:
+        two_i = x.shape[-1]
+        out = native.silu_and_mul(x.reshape(-1, two_i))
+        return out.view(*x.shape[:-1], two_i // 2)
     half = x.shape[-1] // 2
     return F.silu(x[..., :half]) * x[..., half:]
 
@@ -309,6 +334,18 @@ def _native_ops(q: torch.Tensor, cache: KVCacheLayer):
         or q.stride(-2) != q.shape[-1]
     ):
         return None
+    from kvmesh.kernels.cpu_native import native_ops
+
+    return native_ops()
+
+
+def _native_elementwise(*tensors: torch.Tensor | None):
+    """The C++ kernels when every given tensor is a float32 CPU tensor, else None."""
+    if not USE_CPU_NATIVE:
+        return None
+    for t in tensors:
+        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
+            return None
     from kvmesh.kernels.cpu_native import native_ops
 
     return native_ops()

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "attention_cpu.h"
+#include "elementwise_cpu.h"
 
 namespace {
 
@@ -259,4 +260,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_extend", &paged_extend,
         "causal attention of prefill chunks over a paged float32 KV cache (cached prefix + "
         "the chunk itself)");
+  m.def("rms_norm", &kvmesh::rms_norm, "RMSNorm of x + residual, and the sum (float32)");
+  m.def("silu_and_mul", &kvmesh::silu_and_mul, "silu(gate) * up of the fused projection");
+  m.def("rotary_embedding", &kvmesh::rotary_embedding, "NeoX rotary embedding of q, k in place");
 }

@@ -1,0 +1,28 @@
+// The decoder layer's elementwise ops for CPUs, fused: each reads its input once and writes its
+// output once, where the torch twins (kernels/torch_ops.py) take three to six passes and as many
+// temporaries. float32 only; the bindings live in paged_decode_cpu.cpp.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+
+namespace kvmesh {
+
+// RMSNorm of x + residual, and that sum as the next residual: returns (out, sum), both new
+// tensors (without a residual the sum is x itself). x, residual: [T, H] with dense rows;
+// weight: [H].
+std::tuple<torch::Tensor, torch::Tensor> rms_norm(const torch::Tensor& x,
+                                                   const std::optional<torch::Tensor>& residual,
+                                                   const torch::Tensor& weight, double eps);
+
+// silu(x[:, :I]) * x[:, I:] for the fused gate/up projection's output x [T, 2I] -> [T, I].
+torch::Tensor silu_and_mul(const torch::Tensor& x);
+
+// Rotates q [T, H, D] and k [T, KVH, D] in place (NeoX layout: the first and second halves of
+// each head are the pair), at positions [T] (int64), with cos_sin [P, D] (cos, then sin).
+// Tokens may be strided (views into the fused qkv output); each head must be dense.
+void rotary_embedding(const torch::Tensor& positions, const torch::Tensor& q,
+                      const torch::Tensor& k, const torch::Tensor& cos_sin);
+
+}  // namespace kvmesh

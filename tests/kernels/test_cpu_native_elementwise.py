@@ -1,0 +1,93 @@
+"""The fused C++ elementwise ops (RMSNorm + residual, SiLU-and-mul, RoPE) vs their torch twins.
+
+Shapes cover a hidden size that is not a multiple of the 16-float vector, 3-D inputs, q and k
+as strided views into one fused QKV output, GQA, and values large enough to saturate SiLU's
+sigmoid on both sides. The residual sum is one rounding of the same add, so it must match
+exactly; the norm and the exponential may differ in the last bits (another summation order, a
+polynomial 2^x).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvmesh.kernels import cpu_native, torch_ops
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels_built():
+    if cpu_native.native_ops() is None:
+        pytest.skip(f"the C++ CPU kernels cannot be built here: {cpu_native.STATUS}")
+
+
+def twin(fn, *args, **kwargs):
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch_ops, "USE_CPU_NATIVE", False)
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("shape", [(1, 576), (37, 200), (2, 3, 64), (0, 48)])
+def test_rms_norm_matches_twin(seed, with_residual, shape):
+    x = torch.randn(shape) * 3
+    weight = torch.randn(shape[-1])
+    residual = torch.randn(shape) if with_residual else None
+    saved = None if residual is None else residual.clone()
+    assert torch_ops._native_elementwise(x, weight, residual) is not None
+    out, res = torch_ops.rms_norm(x, weight, 1e-5, residual)
+    ref_out, ref_res = twin(torch_ops.rms_norm, x, weight, 1e-5, residual)
+    assert out.shape == ref_out.shape == x.shape and res.shape == x.shape
+    torch.testing.assert_close(out, ref_out, rtol=2e-6, atol=2e-6, msg=f"seed={seed}")
+    torch.testing.assert_close(res, ref_res, rtol=0, atol=0, msg=f"seed={seed}")
+    if residual is not None:  # inputs are never written
+        assert torch.equal(residual, saved)
+
+
+@pytest.mark.parametrize("shape", [(1, 2 * 1536), (33, 2 * 100), (2, 5, 2 * 24), (0, 8)])
+def test_silu_and_mul_matches_twin(seed, shape):
+    x = torch.randn(shape) * 8  # reaches sigmoid's saturation on both sides
+    x.view(-1)[:4] = torch.tensor([0.0, -100.0, 100.0, -0.0])[: x.numel()]
+    out = torch_ops.silu_and_mul(x)
+    ref = twin(torch_ops.silu_and_mul, x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=2e-6, atol=2e-6, msg=f"seed={seed}")
+
+
+def test_silu_and_mul_takes_a_strided_batch(seed):
+    wide = torch.randn(6, 3 * 64)
+    x = wide[:, : 2 * 64]  # rows strided, each row dense
+    torch.testing.assert_close(
+        torch_ops.silu_and_mul(x), twin(torch_ops.silu_and_mul, x), rtol=2e-6, atol=2e-6
+    )
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 16), (8, 1, 128)])
+def test_rotary_matches_twin_on_qkv_views(seed, heads, kv_heads, head_dim):
+    tokens, max_pos = 23, 300
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    table = torch.randn(max_pos, head_dim)
+    positions = torch.randint(0, max_pos, (tokens,))
+    results = []
+    for native in (True, False):
+        buf = qkv.clone()
+        q = buf[:, : heads * head_dim].view(tokens, heads, head_dim)
+        k = buf[:, heads * head_dim : (heads + kv_heads) * head_dim].view(
+            tokens, kv_heads, head_dim
+        )
+        if native:
+            torch_ops.rotary_embedding(positions, q, k, table)
+        else:
+            twin(torch_ops.rotary_embedding, positions, q, k, table)
+        results.append(buf)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6, msg=f"seed={seed}")
+    # V (the last part of the fused output) is untouched.
+    v0 = (heads + kv_heads) * head_dim
+    assert torch.equal(results[0][:, v0:], qkv[:, v0:])
+
+
+def test_rotary_refuses_a_position_outside_the_table():
+    native = cpu_native.native_ops()
+    q, k = torch.zeros(1, 2, 8), torch.zeros(1, 1, 8)
+    with pytest.raises(RuntimeError, match="position 5 is outside the table of 4"):
+        native.rotary_embedding(torch.tensor([5]), q, k, torch.zeros(4, 8))
