@@ -1,5 +1,6 @@
-"""C++ paged-attention kernels for CPUs (decode and extend), compiled once per machine and
-loaded from a cache.
+"""C++ kernels for CPUs, compiled once per machine and loaded from a cache: paged attention
+(decode and extend) and the decoder layer's fused elementwise ops (RMSNorm with the residual
+add, SiLU-and-mul, RoPE).
 
 The torch twin stays the reference; these are the fast CPU path for the op where pure torch
 is far off the memory-bandwidth floor (see csrc/ for why). If the compiler or ninja is
