@@ -1,16 +1,19 @@
 """What a user of the server sees: ``kvmesh serve`` with its defaults vs vLLM's OpenAI server.
 
     .venv/bin/python bench/serve_vs_vllm.py [--vllm-python /work/peers/vllm-venv/bin/python]
+    .venv/bin/python bench/serve_vs_vllm.py --servers kvmesh,kvmesh:float32:2,vllm
 
 Each server runs alone, one after the other (they would share the two cores): kvmesh as
-``kvmesh serve --replicas 1`` with nothing else set, vLLM's CPU build on the same model in
-float32 with both cores bound to it (``VLLM_CPU_OMP_THREADS_BIND=0-<n-1>``, no reserved core).
+``kvmesh serve --replicas 1`` with nothing else set (``kvmesh``), or with a config that sets
+the dtype and engine threads (``kvmesh:<dtype>:<threads>``, to find the best split); vLLM's
+CPU build on the same model in float32 with both cores bound to it
+(``VLLM_CPU_OMP_THREADS_BIND=0-<n-1>``, no reserved core).
 The load is ``kvmesh bench serve``'s generator (``cluster/loadgen.py``): streamed completions of
 ``--input-len`` random token ids, ``--output-len`` tokens forced with ``ignore_eos``, at each
 concurrency in ``--concurrency`` (default 1 and 16), after two warm-up requests.
 
 Prints one JSON document: per server and concurrency, TTFT / TPOT p50 and p99 and output
-tokens/s, and the kvmesh / vLLM ratios (TTFT, TPOT: lower is better; throughput: higher).
+tokens/s, and each kvmesh server's ratios to vLLM (TTFT, TPOT: lower is better; throughput: higher).
 """
 
 from __future__ import annotations
@@ -29,6 +32,19 @@ import serving_harness as h
 
 from kvmesh.cluster import loadgen
 from kvmesh.kernels.cpu_native import cpu_flags
+
+
+def kvmesh_config(workdir: Path, dtype: str, threads: int) -> Path:
+    path = workdir / f"kvmesh_{dtype}_{threads}.yaml"
+    path.write_text(
+        "models:\n"
+        f"  - name: {h.KVMESH_MODEL}\n"
+        f"    engine: {{dtype: {dtype}}}\n"
+        "    replicas: 1\n"
+        f"    num_cpus: {threads}\n"
+        f"    torch_threads: {threads}\n"
+    )
+    return path
 
 
 def run_server(server: h.Server, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -92,6 +108,10 @@ def main() -> None:
         port = h.free_port()
         if name == "kvmesh":
             server = h.kvmesh_server(port, workdir, replicas=1)
+        elif name.startswith("kvmesh:"):
+            _, dtype, threads = name.split(":")
+            config = kvmesh_config(workdir, dtype, int(threads))
+            server = h.kvmesh_server(port, workdir, replicas=None, config=config)
         elif name == "vllm":
             server = h.vllm_server(
                 args.vllm_python, h.kvmesh_model_dir(), port, workdir, h.KVMESH_MODEL
@@ -118,9 +138,13 @@ def main() -> None:
         },
         "results": results,
     }
-    ours, theirs = results.get("kvmesh"), results.get("vllm")
-    if isinstance(ours, list) and isinstance(theirs, list):
-        report["kvmesh_over_vllm"] = ratios(ours, theirs)
+    theirs = results.get("vllm")
+    if isinstance(theirs, list):
+        report["over_vllm"] = {
+            name: ratios(ours, theirs)
+            for name, ours in results.items()
+            if name != "vllm" and isinstance(ours, list)
+        }
     print(json.dumps(report, indent=2))
 
 
