@@ -22,7 +22,7 @@ def rms_norm(
     Computed in float32 and cast back, as transformers does, so greedy outputs match it.
     On a CPU in float32 this is one fused C++ pass per row (``cpu_native``).
     """
-    native = _native_elementwise(x, weight, residual)
+    native = _native_elementwise(x, weight, residual, dtypes=_NATIVE_NORM_DTYPES)
     if native is not None and x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1):
         hidden = x.shape[-1]
         out, summed = native.rms_norm(
@@ -38,6 +38,9 @@ def rms_norm(
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype), x
 
+
+_NATIVE_NORM_DTYPES = (torch.float32, torch.bfloat16)
+"""The dtypes the C++ RMSNorm and SiLU-and-mul take (RoPE: float32, as the CPU cache is)."""
 
 _ROPE_MEMO: dict[str, tuple] = {}
 
@@ -77,7 +80,7 @@ def rotary_embedding(
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[:, :I]) * x[:, I:]`` for the fused gate/up projection output."""
-    native = _native_elementwise(x)
+    native = _native_elementwise(x, dtypes=_NATIVE_NORM_DTYPES)
     if native is not None and x.stride(-1) == 1:
         two_i = x.shape[-1]
         out = native.silu_and_mul(x.reshape(-1, two_i))
@@ -339,13 +342,18 @@ def _native_ops(q: torch.Tensor, cache: KVCacheLayer):
     return native_ops()
 
 
-def _native_elementwise(*tensors: torch.Tensor | None):
-    """The C++ kernels when every given tensor is a float32 CPU tensor, else None."""
+def _native_elementwise(
+    *tensors: torch.Tensor | None, dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+):
+    """The C++ kernels when the given tensors are CPU tensors of one dtype among ``dtypes``,
+    else None."""
     if not USE_CPU_NATIVE:
         return None
-    for t in tensors:
-        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
-            return None
+    present = [t for t in tensors if t is not None]
+    if any(t.device.type != "cpu" or t.dtype != present[0].dtype for t in present):
+        return None
+    if present and present[0].dtype not in dtypes:
+        return None
     from kvmesh.kernels.cpu_native import native_ops
 
     return native_ops()

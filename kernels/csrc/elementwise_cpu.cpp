@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "cpu_math.h"
 
@@ -28,8 +30,9 @@ int64_t grain(int64_t row_elems) {
 }
 
 void check_rows(const torch::Tensor& t, const char* op, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, op, ": ", what,
-              " must be a float32 CPU tensor");
+  TORCH_CHECK(t.device().is_cpu() &&
+                  (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16),
+              op, ": ", what, " must be a float32 or bfloat16 CPU tensor");
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, op, ": ", what, " must be [T, H] with dense rows");
 }
 
@@ -40,6 +43,76 @@ inline float sigmoid(float g) {
   return g >= 0.f ? inv : e * inv;
 }
 
+// bfloat16 <-> float as torch converts: widening is exact; narrowing rounds to nearest even,
+// and a NaN stays a NaN. The bfloat16 kernels round wherever the twins' bfloat16 ops round
+// (the residual sum, the normalised row before the weight, SiLU before the product), so they
+// give the twins' values but for the last bits of the float32 steps between.
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if (f != f) return 0x7FC0;
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+const uint16_t* bf16_data(const torch::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+uint16_t* bf16_data_mut(torch::Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+void rms_norm_bf16(const torch::Tensor& x, const std::optional<torch::Tensor>& residual,
+                   const torch::Tensor& weight, double eps, torch::Tensor& sum,
+                   torch::Tensor& out) {
+  const int64_t T = x.size(0), H = x.size(1);
+  const bool add = residual.has_value();
+  const uint16_t* xp = bf16_data(x);
+  const uint16_t* rp = add ? bf16_data(*residual) : nullptr;
+  const uint16_t* wp = bf16_data(weight);
+  uint16_t* sp = add ? bf16_data_mut(sum) : nullptr;
+  uint16_t* op = bf16_data_mut(out);
+  const int64_t xs = x.stride(0), rs = add ? residual->stride(0) : 0;
+  const float inv_h = 1.f / static_cast<float>(H), feps = static_cast<float>(eps);
+  at::parallel_for(0, T, grain(H), [&](int64_t t0, int64_t t1) {
+    std::vector<float> row(H);
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint16_t* xr = xp + t * xs;
+      float* v = row.data();
+      float acc = 0.f;
+      if (add) {
+        const uint16_t* rr = rp + t * rs;
+        uint16_t* sr = sp + t * H;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < H; ++i) {
+          const uint16_t b = float_to_bf16(bf16_to_float(xr[i]) + bf16_to_float(rr[i]));
+          sr[i] = b;
+          v[i] = bf16_to_float(b);
+          acc += v[i] * v[i];
+        }
+      } else {
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < H; ++i) {
+          v[i] = bf16_to_float(xr[i]);
+          acc += v[i] * v[i];
+        }
+      }
+      const float r = 1.f / std::sqrt(acc * inv_h + feps);
+      uint16_t* orow = op + t * H;
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i)
+        orow[i] = float_to_bf16(bf16_to_float(wp[i]) * round_bf16(v[i] * r));
+    }
+  });
+}
+
 }  // namespace
 
 std::tuple<torch::Tensor, torch::Tensor> rms_norm(const torch::Tensor& x,
@@ -47,17 +120,22 @@ std::tuple<torch::Tensor, torch::Tensor> rms_norm(const torch::Tensor& x,
                                                    const torch::Tensor& weight, double eps) {
   check_rows(x, "rms_norm", "x");
   const int64_t T = x.size(0), H = x.size(1);
-  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() &&
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.is_contiguous() &&
                   weight.numel() == H,
-              "rms_norm: weight must be float32 [H]");
+              "rms_norm: weight must be [H], of x's dtype");
   const bool add = residual.has_value();
   if (add) {
     check_rows(*residual, "rms_norm", "residual");
-    TORCH_CHECK(residual->sizes() == x.sizes(), "rms_norm: residual must have x's shape");
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
+                "rms_norm: residual must have x's shape and dtype");
   }
   // The sum goes to a new tensor, as in the twins: neither input is written.
   torch::Tensor sum = add ? torch::empty({T, H}, x.options()) : x;
   torch::Tensor out = torch::empty({T, H}, x.options());
+  if (x.scalar_type() == torch::kBFloat16) {
+    rms_norm_bf16(x, residual, weight, eps, sum, out);
+    return {out, sum};
+  }
   const float* xp = x.data_ptr<float>();
   const float* rp = add ? residual->data_ptr<float>() : nullptr;
   float* sp = sum.data_ptr<float>();
@@ -99,6 +177,23 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
   TORCH_CHECK(x.size(1) % 2 == 0, "silu_and_mul: x's last dimension must be even");
   const int64_t T = x.size(0), I = x.size(1) / 2, xs = x.stride(0);
   torch::Tensor out = torch::empty({T, I}, x.options());
+  if (x.scalar_type() == torch::kBFloat16) {
+    const uint16_t* xp = bf16_data(x);
+    uint16_t* op = bf16_data_mut(out);
+    at::parallel_for(0, T, grain(2 * I), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint16_t* g = xp + t * xs;
+        const uint16_t* u = g + I;
+        uint16_t* o = op + t * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) {
+          const float gf = bf16_to_float(g[i]);
+          o[i] = float_to_bf16(round_bf16(gf * sigmoid(gf)) * bf16_to_float(u[i]));
+        }
+      }
+    });
+    return out;
+  }
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, T, grain(2 * I), [&](int64_t t0, int64_t t1) {

@@ -1,6 +1,7 @@
 // The decoder layer's elementwise ops for CPUs, fused: each reads its input once and writes its
 // output once, where the torch twins (kernels/torch_ops.py) take three to six passes and as many
-// temporaries. float32 only; the bindings live in paged_decode_cpu.cpp.
+// temporaries. RMSNorm and SiLU-and-mul take float32 or bfloat16 (math in float32, rounded
+// where the twins round); RoPE float32. The bindings live in paged_decode_cpu.cpp.
 #pragma once
 
 #include <torch/extension.h>

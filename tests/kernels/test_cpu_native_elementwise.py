@@ -91,3 +91,36 @@ def test_rotary_refuses_a_position_outside_the_table():
     q, k = torch.zeros(1, 2, 8), torch.zeros(1, 1, 8)
     with pytest.raises(RuntimeError, match="position 5 is outside the table of 4"):
         native.rotary_embedding(torch.tensor([5]), q, k, torch.zeros(4, 8))
+
+
+def _close_in_bfloat16(got: torch.Tensor, want: torch.Tensor, seed: int) -> None:
+    """Equal but for rare one-unit differences: the float32 steps between the twins' bfloat16
+    roundings sum in another order, which can tip a rounding."""
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-5, msg=f"{seed=}")
+    if got.numel():
+        assert (got != want).float().mean().item() < 0.01, f"seed={seed}"
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("shape", [(1, 576), (37, 200), (2, 3, 64)])
+def test_bfloat16_rms_norm_matches_twin(seed, with_residual, shape):
+    x = (torch.randn(shape) * 3).to(torch.bfloat16)
+    weight = torch.randn(shape[-1]).to(torch.bfloat16)
+    residual = torch.randn(shape).to(torch.bfloat16) if with_residual else None
+    assert torch_ops._native_elementwise(x, weight, residual, dtypes=(torch.bfloat16,))
+    out, res = torch_ops.rms_norm(x, weight, 1e-5, residual)
+    ref_out, ref_res = twin(torch_ops.rms_norm, x, weight, 1e-5, residual)
+    assert torch.equal(res, ref_res)  # one bfloat16 rounding of the same float sum
+    _close_in_bfloat16(out, ref_out, seed)
+
+
+def test_bfloat16_silu_and_mul_matches_twin(seed):
+    x = (torch.randn(29, 2 * 1536) * 8).to(torch.bfloat16)
+    _close_in_bfloat16(torch_ops.silu_and_mul(x), twin(torch_ops.silu_and_mul, x), seed)
+
+
+def test_mixed_dtypes_take_the_twin():
+    x = torch.randn(4, 32)
+    assert torch_ops._native_elementwise(x, x.to(torch.bfloat16)) is None
+    assert torch_ops._native_elementwise(x.to(torch.float16), dtypes=(torch.float32,)) is None
