@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_math.h"
@@ -67,6 +68,35 @@ const uint16_t* bf16_data(const torch::Tensor& t) {
 }
 uint16_t* bf16_data_mut(torch::Tensor& t) {
   return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+// Element access for the kernels that take either dtype: float32 as is, bfloat16 (uint16_t
+// storage) widened on load and rounded on store; as_stored rounds a float32 value the way a
+// bfloat16 twin op would store it.
+inline float load_elem(float v) { return v; }
+inline float load_elem(uint16_t v) { return bf16_to_float(v); }
+inline void store_elem(float& p, float v) { p = v; }
+inline void store_elem(uint16_t& p, float v) { p = float_to_bf16(v); }
+template <class E>
+inline float as_stored(float v) {
+  if constexpr (std::is_same_v<E, uint16_t>) return round_bf16(v);
+  return v;
+}
+
+template <class E>
+void silu_and_mul_rows(const E* xp, E* op, int64_t T, int64_t I, int64_t xs) {
+  at::parallel_for(0, T, grain(2 * I), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const E* g = xp + t * xs;
+      const E* u = g + I;
+      E* o = op + t * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) {
+        const float gf = load_elem(g[i]);
+        store_elem(o[i], as_stored<E>(gf * sigmoid(gf)) * load_elem(u[i]));
+      }
+    }
+  });
 }
 
 void rms_norm_bf16(const torch::Tensor& x, const std::optional<torch::Tensor>& residual,
@@ -177,34 +207,10 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
   TORCH_CHECK(x.size(1) % 2 == 0, "silu_and_mul: x's last dimension must be even");
   const int64_t T = x.size(0), I = x.size(1) / 2, xs = x.stride(0);
   torch::Tensor out = torch::empty({T, I}, x.options());
-  if (x.scalar_type() == torch::kBFloat16) {
-    const uint16_t* xp = bf16_data(x);
-    uint16_t* op = bf16_data_mut(out);
-    at::parallel_for(0, T, grain(2 * I), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const uint16_t* g = xp + t * xs;
-        const uint16_t* u = g + I;
-        uint16_t* o = op + t * I;
-#pragma omp simd
-        for (int64_t i = 0; i < I; ++i) {
-          const float gf = bf16_to_float(g[i]);
-          o[i] = float_to_bf16(round_bf16(gf * sigmoid(gf)) * bf16_to_float(u[i]));
-        }
-      }
-    });
-    return out;
-  }
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, T, grain(2 * I), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* g = xp + t * xs;
-      const float* u = g + I;
-      float* o = op + t * I;
-#pragma omp simd
-      for (int64_t i = 0; i < I; ++i) o[i] = g[i] * sigmoid(g[i]) * u[i];
-    }
-  });
+  if (x.scalar_type() == torch::kBFloat16)
+    silu_and_mul_rows(bf16_data(x), bf16_data_mut(out), T, I, xs);
+  else
+    silu_and_mul_rows(x.data_ptr<float>(), out.data_ptr<float>(), T, I, xs);
   return out;
 }
 
