@@ -20,7 +20,7 @@ def rms_norm(
     """``(norm(x + residual) * weight, x + residual)``; the sum is the next residual.
 
     Computed in float32 and cast back, as transformers does, so greedy outputs match it.
-    On a CPU in float32 this is one fused C++ pass per row (``cpu_native``).
+    On a CPU in float32 or bfloat16 this is one fused C++ pass per row (``cpu_native``).
     """
     native = _native_elementwise(x, weight, residual, dtypes=_NATIVE_NORM_DTYPES)
     if native is not None and x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1):
@@ -337,9 +337,22 @@ def _native_ops(q: torch.Tensor, cache: KVCacheLayer):
         or q.stride(-2) != q.shape[-1]
     ):
         return None
-    from kvmesh.kernels.cpu_native import native_ops
+    return _loaded_native()
 
-    return native_ops()
+
+def _loaded_native():
+    """The compiled kernels module (None when they cannot build), resolved once per process:
+    the elementwise ops ask for it several times per layer."""
+    global _NATIVE_MODULE
+    if _NATIVE_MODULE is _UNRESOLVED:
+        from kvmesh.kernels.cpu_native import native_ops
+
+        _NATIVE_MODULE = native_ops()
+    return _NATIVE_MODULE
+
+
+_UNRESOLVED = object()
+_NATIVE_MODULE: object = _UNRESOLVED
 
 
 def _native_elementwise(
@@ -354,9 +367,7 @@ def _native_elementwise(
         return None
     if present and present[0].dtype not in dtypes:
         return None
-    from kvmesh.kernels.cpu_native import native_ops
-
-    return native_ops()
+    return _loaded_native()
 
 
 def _cumsum(lens: list[int]) -> list[int]:
