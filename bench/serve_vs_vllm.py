@@ -5,7 +5,8 @@
 
 Each server runs alone, one after the other (they would share the two cores): kvmesh as
 ``kvmesh serve --replicas 1`` with nothing else set (``kvmesh``), or with a config that sets
-the dtype and engine threads (``kvmesh:<dtype>:<threads>``, to find the best split); vLLM's
+the dtype and engine threads (``kvmesh:<dtype>:<threads>``, to find the best split; a
+``:<burst threads>[:<min tokens>]`` suffix runs steps of that many tokens on more threads); vLLM's
 CPU build on the same model in float32 with both cores bound to it
 (``VLLM_CPU_OMP_THREADS_BIND=0-<n-1>``, no reserved core).
 The load is ``kvmesh bench serve``'s generator (``cluster/loadgen.py``): streamed completions of
@@ -34,9 +35,11 @@ from kvmesh.cluster import loadgen
 from kvmesh.kernels.cpu_native import cpu_flags
 
 
-def kvmesh_config(workdir: Path, dtype: str, threads: int) -> Path:
-    path = workdir / f"kvmesh_{dtype}_{threads}.yaml"
-    path.write_text(
+def kvmesh_config(workdir: Path, spec: str) -> Path:
+    """The config for ``kvmesh:<dtype>:<threads>[:<burst threads>[:<burst min tokens>]]``."""
+    dtype, threads, *burst = spec.split(":")[1:]
+    path = workdir / f"{spec.replace(':', '_')}.yaml"
+    text = (
         "models:\n"
         f"  - name: {h.KVMESH_MODEL}\n"
         f"    engine: {{dtype: {dtype}}}\n"
@@ -44,6 +47,11 @@ def kvmesh_config(workdir: Path, dtype: str, threads: int) -> Path:
         f"    num_cpus: {threads}\n"
         f"    torch_threads: {threads}\n"
     )
+    if burst:
+        text += f"    torch_threads_burst: {burst[0]}\n"
+    if len(burst) > 1:
+        text += f"    burst_min_tokens: {burst[1]}\n"
+    path.write_text(text)
     return path
 
 
@@ -109,8 +117,7 @@ def main() -> None:
         if name == "kvmesh":
             server = h.kvmesh_server(port, workdir, replicas=1)
         elif name.startswith("kvmesh:"):
-            _, dtype, threads = name.split(":")
-            config = kvmesh_config(workdir, dtype, int(threads))
+            config = kvmesh_config(workdir, name)
             server = h.kvmesh_server(port, workdir, replicas=None, config=config)
         elif name == "vllm":
             server = h.vllm_server(

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from kvmesh.replicas.deployment import ReplicaOptions
 from kvmesh.replicas.engine_args import EngineArgs
+from kvmesh.replicas.step_threads import BURST_THREADS_HELP, DEFAULT_BURST_MIN_TOKENS
 from kvmesh.router.auth import check_api_key
 from kvmesh.router.limits import RequestLimits
 
@@ -131,6 +132,12 @@ class ModelConfig(_Strict):
         "no limit. Not with tensor_parallel_size > 1 (its placement group already decides).",
     )
     torch_threads: int | None = Field(default=None, ge=1)
+    torch_threads_burst: int | None = Field(
+        default=None,
+        ge=1,
+        description=BURST_THREADS_HELP,
+    )
+    burst_min_tokens: int = Field(default=DEFAULT_BURST_MIN_TOKENS, ge=1)
     max_pending_requests: int | None = Field(
         default=256, ge=1, description="Requests one replica's engine holds; more get 429."
     )
@@ -241,6 +248,8 @@ class ModelConfig(_Strict):
             max_inter_token_latency_s=self.max_inter_token_latency_s,
             watchdog_s=self.watchdog_s,
             torch_threads=self.torch_threads,
+            torch_threads_burst=self.torch_threads_burst,
+            burst_min_tokens=self.burst_min_tokens,
             stats_push_period_s=app.stats_push_period_s,
             shutdown_timeout_s=self.graceful_shutdown_timeout_s,
             report_cache=self.prefix_aware,

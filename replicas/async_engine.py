@@ -23,6 +23,7 @@ from kvmesh.replicas.engine_args import EngineArgs
 from kvmesh.replicas.llm_engine import LLMEngine, Prompt
 from kvmesh.replicas.outputs import RequestOutput
 from kvmesh.replicas.sampling_params import SamplingParams
+from kvmesh.replicas.step_threads import StepThreads
 from kvmesh.replicas.warmup import warm_up
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,14 @@ class AsyncLLM:
         max_queue_delay_s: float | None = None,
         max_inter_token_latency_s: float | None = None,
         watchdog_s: float | None = DEFAULT_WATCHDOG_S,
+        step_threads: StepThreads | None = None,
         **kwargs: Any,
     ) -> None:
+        """``step_threads``: size each step's torch threads by its work (see
+        ``kvmesh.replicas.step_threads``); None leaves the thread count alone."""
         self.engine = engine or build_engine(args or EngineArgs(**kwargs))
+        if step_threads is not None:
+            self.engine.step_threads = step_threads
         self.max_pending_requests = max_pending_requests
         self.max_queue_delay_s = max_queue_delay_s
         self.max_inter_token_latency_s = max_inter_token_latency_s
@@ -159,6 +165,11 @@ class AsyncLLM:
     def startup_phases(self) -> dict[str, float]:
         """Seconds the engine took to start, by phase (files, weights, KV cache, warm-up)."""
         return dict(self.engine.startup_phases)
+
+    @property
+    def step_threads(self) -> StepThreads | None:
+        """The per-step thread sizing the engine runs with (None: fixed threads)."""
+        return self.engine.step_threads
 
     def enable_kv_events(self) -> None:
         """Record KV-cache events for a consumer that drains them (``drain_kv_events``)."""

@@ -44,6 +44,11 @@ from kvmesh.replicas.engine_args import EngineArgs
 from kvmesh.replicas.outputs import RequestOutput
 from kvmesh.replicas.replica_metrics import ReplicaMetrics
 from kvmesh.replicas.serve_messages import ReplicaChunk, ReplicaError, ReplicaRequest
+from kvmesh.replicas.step_threads import (
+    BURST_THREADS_HELP,
+    DEFAULT_BURST_MIN_TOKENS,
+    StepThreads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,12 @@ class ReplicaOptions(BaseModel):
         description="Unhealthy when requests are in flight and no step finished for this long.",
     )
     torch_threads: int | None = Field(default=None, ge=1)
+    torch_threads_burst: int | None = Field(
+        default=None,
+        ge=1,
+        description=BURST_THREADS_HELP,
+    )
+    burst_min_tokens: int = Field(default=DEFAULT_BURST_MIN_TOKENS, ge=1)
     stats_push_period_s: float = Field(default=0.5, gt=0)
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     report_cache: bool = Field(
@@ -156,6 +167,7 @@ class LLMServer:
             max_queue_delay_s=self.options.max_queue_delay_s,
             max_inter_token_latency_s=self.options.max_inter_token_latency_s,
             watchdog_s=self.options.watchdog_s,
+            step_threads=self._step_threads(args),
         )
         self.replica = _replica_name(model_name)
         self.metrics = ReplicaMetrics(
@@ -170,6 +182,17 @@ class LLMServer:
             asyncio.get_running_loop()
             self._ensure_pusher()
         log.info("replica %s ready (start-up phases: %s)", self.replica, self.startup_phases())
+
+    def _step_threads(self, args: EngineArgs) -> StepThreads | None:
+        """Per-step threads when ``torch_threads_burst`` is set (one-process engines only:
+        tensor-parallel ranks keep their own thread counts)."""
+        burst = self.options.torch_threads_burst
+        if burst is None or args.tensor_parallel_size > 1:
+            return None
+        import torch
+
+        base = self.options.torch_threads or torch.get_num_threads()
+        return StepThreads(base, burst, self.options.burst_min_tokens)
 
     # ---- the request path -----------------------------------------------------------------
     async def generate(self, req: ReplicaRequest) -> AsyncIterator[ReplicaChunk]:

@@ -44,6 +44,7 @@ from kvmesh.replicas.outputs import RequestOutput
 from kvmesh.replicas.request import Request
 from kvmesh.replicas.sampling_params import SamplingParams
 from kvmesh.replicas.scheduler import FaultInjector, Scheduler
+from kvmesh.replicas.step_threads import StepThreads
 from kvmesh.replicas.structured import StructuredOutputCompiler
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,8 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.last_step_prefill_tokens = 0
         self.last_step_decodes = 0
+        # Set by a replica that shares its cores with Serve: threads sized per step's work.
+        self.step_threads: StepThreads | None = None
 
     # ---- setup helpers ------------------------------------------------------------------
     def _build_runner(self) -> tuple[ModelRunner, int]:
@@ -286,6 +289,8 @@ class LLMEngine:
         self.num_steps += 1
         self.last_step_prefill_tokens = sched.num_prefill_tokens
         self.last_step_decodes = sched.num_decodes
+        if self.step_threads is not None:
+            self.step_threads.apply(self.last_step_prefill_tokens + self.last_step_decodes)
         result = self.runner.execute(sched)
         updates = self.scheduler.update_from_output(sched, result)
         processed = self.output_processor.process(updates)

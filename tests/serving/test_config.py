@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 from kvmesh.cluster.app_config import AppConfig, deployment_name, load_config
 from kvmesh.cluster.cli import build_parser
 from kvmesh.cluster.serve_cmd import (
+    burst_threads_per_replica,
     check_serve_config,
     config_from_args,
     serve_config,
@@ -94,6 +96,11 @@ def test_flags_override_the_file_and_split_cores():
     assert (config.host, config.port, config.url) == ("0.0.0.0", 9000, "http://0.0.0.0:9000")
     assert m.num_cpus >= 1 and m.torch_threads == int(m.num_cpus)
     assert threads_per_replica(2, 1) == 1 and threads_per_replica(16, 2) == 7
+    # Steps with real work also take the core left to Serve; none where there is no spare.
+    assert burst_threads_per_replica(2, 1) == 2 and burst_threads_per_replica(16, 2) == 8
+    assert burst_threads_per_replica(1, 1) is None and burst_threads_per_replica(4, 4) is None
+    assert m.torch_threads_burst == burst_threads_per_replica(os.cpu_count() or 1, 2)
+    assert m.replica_options(config)["torch_threads_burst"] == m.torch_threads_burst
     canary = config_from_args(str(EXAMPLES[0].parent / "serve_canary.yaml"), None, 3)
     assert [m.replicas for m in canary.models] == [3, 3]
     with pytest.raises(ValueError, match="exactly one model"):
@@ -105,6 +112,7 @@ def test_flags_override_the_file_and_split_cores():
     # A deploy to another cluster does not size replicas by this machine's cores.
     remote = config_from_args(None, None, 2, split_local_cores=False)
     assert remote.models[0].num_cpus == 1.0 and remote.models[0].torch_threads is None
+    assert remote.models[0].torch_threads_burst is None
 
 
 def test_deployment_names_are_safe_for_serve():

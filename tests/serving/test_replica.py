@@ -11,6 +11,7 @@ from kvmesh import SamplingParams
 from kvmesh.replicas.async_engine import EngineDeadError
 from kvmesh.replicas.deployment import LLMServer
 from kvmesh.replicas.serve_messages import ReplicaRequest
+from kvmesh.replicas.step_threads import StepThreads
 from kvmesh.router.routing import CacheReporter
 
 ENGINE = {"num_kv_blocks": 64, "max_model_len": 512, "block_size": 16, "max_num_seqs": 8}
@@ -64,6 +65,21 @@ async def test_stream_is_admitted_then_tokens_then_finish(make_server):
     assert chunks[-1].finish_reason == "length" and chunks[-1].num_output_tokens == 6
     assert all(c.finish_reason is None for c in chunks[1:-1])
     await wait_all_free(server)
+
+
+async def test_burst_threads_option_sizes_each_step(make_server):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        server = make_server(torch_threads=1, torch_threads_burst=2, burst_min_tokens=8)
+        assert server.engine.step_threads == StepThreads(base=1, burst=2, burst_min_tokens=8)
+        chunks = [c async for c in server.generate(request("burst", max_tokens=4))]
+        assert chunks[-1].finish_reason == "length" and chunks[-1].num_output_tokens == 4
+        await wait_all_free(server)
+        assert make_server().engine.step_threads is None  # not asked for: fixed threads
+    finally:
+        torch.set_num_threads(before)
 
 
 async def test_leaving_the_stream_early_frees_kv_blocks(make_server):
