@@ -111,7 +111,9 @@ def prepare_inputs(
     slots: list[int] = []
     qlens: list[int] = []
     slens: list[int] = []
+    query_start_loc = [0]
     logits_indices: list[int] = []
+    max_blocks = 0
     for chunk in chunks:
         n, ids = chunk.num_tokens, chunk.block_ids
         start, end = chunk.start, chunk.start + n
@@ -127,15 +129,15 @@ def prepare_inputs(
             )
         qlens.append(n)
         slens.append(end)
+        query_start_loc.append(len(input_ids))
+        max_blocks = max(max_blocks, len(ids))
         if chunk.sample:  # this chunk reaches the last token: sample the next one
             logits_indices.append(len(input_ids) - 1)
-    table = np.zeros((len(chunks), max(len(c.block_ids) for c in chunks)), dtype=np.int32)
+    table = np.zeros((len(chunks), max_blocks), dtype=np.int32)
     for i, chunk in enumerate(chunks):
         table[i, : len(chunk.block_ids)] = chunk.block_ids
-    qsl = np.zeros(len(qlens) + 1, dtype=np.int32)
-    np.cumsum(qlens, out=qsl[1:])
     meta = AttentionMetadata(
-        query_start_loc=torch.from_numpy(qsl).to(device),
+        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(slens, dtype=torch.int32, device=device),
         block_tables=torch.from_numpy(table).to(device),
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),

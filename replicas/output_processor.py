@@ -42,6 +42,7 @@ class RequestState:
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     num_cached_tokens: int = 0
+    running_metrics: RequestMetrics | None = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -180,7 +181,12 @@ class OutputProcessor:
             completion = CompletionOutput(
                 index=0, text=delta, token_ids=new_tokens, logprobs=delta_lps
             )
-            metrics = RequestMetrics(state.arrival_time, state.first_token_time)
+            # One metrics object serves every running output from the first token on (they
+            # would all hold the same two times): read it, never change it.
+            metrics = state.running_metrics
+            if metrics is None or metrics.first_token_time != state.first_token_time:
+                metrics = RequestMetrics(state.arrival_time, state.first_token_time)
+                state.running_metrics = metrics
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,

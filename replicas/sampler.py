@@ -64,6 +64,17 @@ class SamplingRow(TokenSequence):
     generator: torch.Generator | None = None
     token_ids: list[int] = field(default_factory=list)
     sampler_state: Any = None
+    plain_greedy: bool = field(init=False)
+    """Greedy with nothing to apply first (no penalties, logprobs or ``min_tokens``): the
+    whole batch takes the bare argmax when every row is. Fixed for the request's life, so
+    worked out once rather than per step."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        p = self.params
+        self.plain_greedy = (
+            p.greedy and not p.needs_penalties and p.logprobs is None and p.min_tokens == 0
+        )
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
@@ -419,14 +430,7 @@ def sample(
     A row whose processing raises yields its exception instead of a token: one request's
     failure never decides another's token.
     """
-    simple = all(
-        r.params.greedy
-        and not r.params.needs_penalties
-        and r.params.logprobs is None
-        and r.params.min_tokens == 0
-        for r in reqs
-    )
-    if simple:
+    if all(r.plain_greedy for r in reqs):
         return [(t, None) for t in argmax_rows(logits).tolist()]
     try:
         return _sample_batch(logits, reqs, eos_token_ids)

@@ -108,8 +108,12 @@ class KVCacheManager:
 
         ``prefix`` (at admission only): prefix hits to share; they sit before the new tokens.
         """
-        cached = list(prefix.blocks) if prefix is not None else []
         blocks = self.req_blocks.get(req.request_id, [])
+        if prefix is None and self.blocks_needed(req.num_computed_tokens + num_new_tokens) <= len(
+            blocks
+        ):
+            return True  # the usual decode step: its slot is in a block it already holds
+        cached = list(prefix.blocks) if prefix is not None else []
         computed = req.num_computed_tokens + len(cached) * self.block_size
         need = self.blocks_needed(computed + num_new_tokens) - len(blocks) - len(cached)
         # Hits sitting on the free list leave it when we take them.
