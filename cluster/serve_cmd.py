@@ -75,8 +75,23 @@ def config_from_args(
         if config_path and len(config.models) != 1:
             raise ValueError("--model needs a config with exactly one model (or no --config)")
         n = replicas or config.models[0].replicas
-        share = threads_per_replica(os.cpu_count() or 1, n) if split_local_cores else None
         base = config.models[0]
+        threads = {
+            "num_cpus": base.num_cpus,
+            "torch_threads": base.torch_threads,
+            "torch_threads_burst": base.torch_threads_burst,
+        }
+        if split_local_cores and not config_path:
+            # Without a config file, split this machine's cores between the replicas, and let
+            # a step with real work (a prefill, a large batch) use the core left to Serve too:
+            # Serve has little to do while it runs.
+            cpus = os.cpu_count() or 1
+            share = threads_per_replica(cpus, n)
+            threads = {
+                "num_cpus": float(share),
+                "torch_threads": share,
+                "torch_threads_burst": burst_threads_per_replica(cpus, n),
+            }
         engine = base.engine.model_dump()
         name = base.name
         if model is not None:
@@ -88,14 +103,7 @@ def config_from_args(
                 "name": name,
                 "engine": engine,
                 "replicas": n,
-                # Without a config file, split this machine's cores between the replicas.
-                "num_cpus": float(share) if share and not config_path else base.num_cpus,
-                "torch_threads": share if share and not config_path else base.torch_threads,
-                # ... and let a step with real work (a prefill, a large batch) use the core
-                # left to Serve too: Serve has little to do while it runs.
-                "torch_threads_burst": burst_threads_per_replica(os.cpu_count() or 1, n)
-                if share and not config_path
-                else base.torch_threads_burst,
+                **threads,
             }
         ]
     elif replicas is not None:
