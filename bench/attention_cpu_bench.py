@@ -1,12 +1,14 @@
 """Microbenchmark of CPU paged attention: the C++ kernels of ``kernels/cpu_native`` vs the torch
 twin (SDPA over gathered K/V), on SmolLM2 shapes (9 query heads, 3 KV heads, head dim 64,
-block 16, float32).
+block 16), float32 queries over a float32 and a bfloat16 cache (the bfloat16 model's).
 
-    flock /tmp/kvmesh-bench.lock .venv/bin/python bench/attention_cpu_bench.py [--quick]
+    flock /tmp/kvmesh-bench.lock .venv/bin/python bench/attention_cpu_bench.py [--quick] \
+        [--kv-dtypes float32,bfloat16]
 
 Decode: one query token per sequence, batch 1/16/64 x context 128/512/2048; reports GB/s as
-the bytes of K+V the step has to read (context x KV heads x head dim x 4 B x 2) over the
-time of one call: the old two-pass kernel (built from git for the comparison only), the new
+the bytes of K+V the step has to read (context x KV heads x head dim x element size x 2) over
+the time of one call: the old two-pass kernel (built from git for the comparison only; float32
+caches only), the new
 one-pass kernel, and ``paged_attention`` through the new kernel and through the torch twin.
 
 Extend: one chunk of new tokens, fresh or over a cached prefix (a prefix-cache hit or a
@@ -38,14 +40,16 @@ from kvmesh.kernels.metadata import AttentionMetadata, KVCacheLayer
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 
 
-def make_batch(chunks: list[tuple[int, int]], seed: int = 0):
+def make_batch(chunks: list[tuple[int, int]], kv_dtype: torch.dtype = torch.float32, seed: int = 0):
     """Sequences of ``(cached, new)`` tokens with blocks scattered through a random pool."""
     g = torch.Generator().manual_seed(seed)
     needed = [-(-(c + n) // BLOCK) for c, n in chunks]
     num_blocks = sum(needed) + 1
     order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
     shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
-    cache = KVCacheLayer(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    cache = KVCacheLayer(
+        torch.randn(shape, generator=g).to(kv_dtype), torch.randn(shape, generator=g).to(kv_dtype)
+    )
     tables, used = [], 0
     for n in needed:
         tables.append(order[used : used + n])
@@ -130,14 +134,21 @@ def old_two_pass_kernel():
         return None
 
 
-def decode_row(b: int, ctx: int, min_time: float, old) -> dict:
+def decode_row(b: int, ctx: int, min_time: float, old, kv_dtype: torch.dtype) -> dict:
     """One shape: the old two-pass kernel and the new one-pass kernel called directly on the
     same rows, and ``paged_attention`` through the new kernel and through the torch twin."""
     ops = cpu_native.native_ops()
     scale = HEAD_DIM**-0.5
-    q, cache, meta = make_batch([(ctx - 1, 1)] * b)
-    kv_bytes = b * ctx * KV_HEADS * HEAD_DIM * 4 * 2
-    row = {"batch": b, "context": ctx, "kv_mib": round(kv_bytes / 2**20, 2)}
+    q, cache, meta = make_batch([(ctx - 1, 1)] * b, kv_dtype)
+    kv_bytes = b * ctx * KV_HEADS * HEAD_DIM * cache.k.element_size() * 2
+    row = {
+        "kv_dtype": str(kv_dtype).removeprefix("torch."),
+        "batch": b,
+        "context": ctx,
+        "kv_mib": round(kv_bytes / 2**20, 2),
+    }
+    if kv_dtype != torch.float32:
+        old = None  # the old kernel reads float32 only
     tables, lens = meta.block_tables, meta.seq_lens
     tokens = torch.arange(b, dtype=torch.int32)
     out = torch.empty_like(q)
@@ -166,15 +177,20 @@ def decode_row(b: int, ctx: int, min_time: float, old) -> dict:
     return row
 
 
-def bench_decode(batches, contexts, min_time, old):
-    return [decode_row(b, ctx, min_time, old) for b in batches for ctx in contexts]
+def bench_decode(batches, contexts, min_time, old, kv_dtypes):
+    return [
+        decode_row(b, ctx, min_time, old, kv_dtype)
+        for kv_dtype in kv_dtypes
+        for b in batches
+        for ctx in contexts
+    ]
 
 
-def bench_extend(cases, min_time):
+def bench_extend(cases, min_time, kv_dtypes):
     rows = []
-    for cached, new in cases:
-        q, cache, meta = make_batch([(cached, new)])
-        row = {"cached": cached, "new": new}
+    for kv_dtype, (cached, new) in ((d, c) for d in kv_dtypes for c in cases):
+        q, cache, meta = make_batch([(cached, new)], kv_dtype)
+        row = {"kv_dtype": str(kv_dtype).removeprefix("torch."), "cached": cached, "new": new}
         for name, on in (("native", True), ("torch_twin", False)):
             with native(on):
                 s = seconds_per_call(
@@ -203,7 +219,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--no-old", action="store_true", help="skip the old two-pass kernel")
+    ap.add_argument("--kv-dtypes", default="float32,bfloat16", help="cache dtypes, comma-separated")
     args = ap.parse_args()
+    kv_dtypes = [getattr(torch, name) for name in args.kv_dtypes.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     if cpu_native.native_ops() is None:
@@ -221,8 +239,8 @@ def main() -> None:
             "torch": torch.__version__,
             "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block": BLOCK},
             "old_kernel": f"{OLD_COMMIT}:kernels/csrc/paged_decode_cpu.cpp" if old else None,
-            "decode": bench_decode(batches, contexts, min_time, old),
-            "extend": bench_extend(extend[1:] if args.quick else extend, min_time),
+            "decode": bench_decode(batches, contexts, min_time, old, kv_dtypes),
+            "extend": bench_extend(extend[1:] if args.quick else extend, min_time, kv_dtypes),
         }
     print(json.dumps(result, indent=1))
 

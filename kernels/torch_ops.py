@@ -247,7 +247,8 @@ def paged_attention(
 
     Each sequence's new tokens attend to its cached prefix plus themselves, causally (and only
     to the last ``sliding_window`` positions when set). The new tokens' K/V must already be in
-    the cache. On the CPU with a float32 cache this is the C++ kernels of ``cpu_native``: a
+    the cache. On the CPU (float32 queries, a float32 or bfloat16 cache) this is the C++
+    kernels of ``cpu_native``: a
     one-pass decode kernel for the rows with one query token and a paged causal kernel for
     the longer chunks, both straight from the block tables. Elsewhere (and as the reference)
     it is the torch twin: decodes in length-sorted groups through SDPA, prefill chunks one
@@ -322,8 +323,12 @@ USE_CPU_NATIVE = True
 attention benchmark switch it off to get the pure-torch reference."""
 
 
+_NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _native_ops(q: torch.Tensor, cache: KVCacheLayer):
-    """The C++ kernels for float32 CPU caches (None elsewhere or if they cannot build).
+    """The C++ kernels for float32 queries over a float32 or bfloat16 CPU cache (None
+    elsewhere or if they cannot build).
 
     Quantised (int8 / fp8) caches stay on the torch twin, which dequantises as it gathers.
     """
@@ -331,7 +336,8 @@ def _native_ops(q: torch.Tensor, cache: KVCacheLayer):
         not USE_CPU_NATIVE
         or q.device.type != "cpu"
         or cache.quantized
-        or not (q.dtype == cache.k.dtype == cache.v.dtype == torch.float32)
+        or q.dtype != torch.float32
+        or not (cache.k.dtype == cache.v.dtype and cache.k.dtype in _NATIVE_CACHE_DTYPES)
         or not (cache.k.is_contiguous() and cache.v.is_contiguous())
         or q.stride(-1) != 1
         or q.stride(-2) != q.shape[-1]

@@ -26,12 +26,15 @@ KV_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 def kv_storage_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The dtype of an unquantised KV cache: the model's, except for a 16-bit model on a CPU,
-    whose cache stays float32. The CPU attention kernels read float32 (attention is a small
-    share of a CPU step next to the linear layers, which is where bfloat16 pays), and CPU
-    memory is rarely what limits the cache there. Q, K and V leave the 16-bit projection and
-    are rotated, stored and attended in float32 (``models/llama.py``)."""
-    if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+    """The dtype of an unquantised KV cache: the model's, except for a float16 model on a
+    CPU, whose cache is float32 (the CPU attention kernels read float32 and bfloat16 only).
+
+    On a CPU, Q, K and V leave a 16-bit projection and are rotated and attended in float32
+    (``models/llama.py``); a bfloat16 model's K and V are rounded to bfloat16 as they are
+    stored. Decode attention reads the whole cache every step, so storing it in bfloat16
+    halves the bytes of the step's memory-bound part (and doubles the tokens a memory budget
+    holds), where bfloat16 mode has already given up float32's exactness."""
+    if torch.device(device).type == "cpu" and dtype == torch.float16:
         return torch.float32
     return dtype
 

@@ -78,13 +78,9 @@ def _is_fresh(engine: LLMEngine) -> bool:
 
 
 def _load_kernels(engine: LLMEngine) -> None:
-    """Build or load the CPU decode kernel where the attention will use it (float32 KV on
-    the CPU, see ``torch_ops._native_decode``); timed apart from the warm-up forward."""
-    if (
-        engine.device.type == "cpu"
-        and engine.dtype == torch.float32
-        and engine.args.kv_cache_dtype == "auto"
-    ):
+    """Build or load the CPU kernels where the model will use them (a float32 or bfloat16
+    model on the CPU, see ``torch_ops._native_ops``); timed apart from the warm-up forward."""
+    if engine.device.type == "cpu" and engine.dtype in (torch.float32, torch.bfloat16):
         from kvmesh.kernels.cpu_native import native_ops
 
         native_ops()

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace kvmesh {
 namespace {
@@ -57,6 +58,23 @@ inline void scale_row(float* y, float a, int64_t d_rt) {
   for (int64_t i = 0; i < D; ++i) y[i] *= a;
 }
 
+// n rows of one kv head's K or V (`stride` elements apart) as float32 rows: a float32 cache's
+// own rows, or a bfloat16 cache's widened once into `buf` (D apart), so the float32 code that
+// reads each row several times (once per query head sharing it) does not widen it each time.
+struct FloatRows {
+  const float* p;
+  int64_t stride;
+};
+template <class T>
+inline FloatRows float_rows(const T* rows, int64_t n, int64_t stride, int64_t D, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {rows, stride};
+  } else {
+    for (int64_t j = 0; j < n; ++j) widen_bf16(rows + j * stride, buf + j * D, D);
+    return {buf, D};
+  }
+}
+
 // acc[0:D] += sum over j < n of p[j] * v[j * stride : j * stride + D]. With a fixed D the
 // row of acc stays in registers for the whole tile (V rows come from L1 after the first
 // query head of the group).
@@ -81,14 +99,15 @@ inline void accumulate_v(float* __restrict__ acc, const float* __restrict__ p,
 // Asks for the K and V rows of the tile starting at key t0 (heads [h0, h1)) while this one is
 // computed. Blocks sit in random order in the pool, so the hardware prefetchers lose the
 // stream at every block; this keeps a tile's worth of misses in flight ahead of the math.
-inline void prefetch_tile(const PagedCache& c, const int32_t* table, int64_t h0, int64_t h1,
+template <class T>
+inline void prefetch_tile(const PagedCache<T>& c, const int32_t* table, int64_t h0, int64_t h1,
                           int64_t t0, int64_t end) {
   const int64_t D = c.head_dim, BS = c.block_size, stride = c.kv_heads * D;
   const int64_t blk = t0 / BS, off = t0 - blk * BS;
   const int64_t n = std::min({end - t0, BS - off, kDecodeTile});
   const int64_t base = (static_cast<int64_t>(table[blk]) * BS + off) * stride + h0 * D;
-  const int64_t width = (h1 - h0) * D;  // contiguous floats per token
-  constexpr int64_t kLine = 64 / sizeof(float);
+  const int64_t width = (h1 - h0) * D;  // contiguous elements per token
+  constexpr int64_t kLine = 64 / sizeof(T);
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t d = 0; d < width; d += kLine) {
       __builtin_prefetch(c.k + base + j * stride + d);
@@ -97,52 +116,133 @@ inline void prefetch_tile(const PagedCache& c, const int32_t* table, int64_t h0,
   }
 }
 
+// The online-softmax update of one row for a tile of n scores: turns sr[0:n] into
+// probabilities under the new running max, rescales the row's l and acc if the max moved.
 template <int DT>
-void decode_range_t(const PagedCache& c, const int32_t* table, int64_t h0, int64_t h1,
+inline void softmax_tile(float* sr, int64_t n, float& m, float& l, float* acc, int64_t D) {
+  float tile_max = kNegInf;
+#pragma omp simd reduction(max : tile_max)
+  for (int64_t j = 0; j < n; ++j) tile_max = std::max(tile_max, sr[j]);
+  const float m_new = std::max(m, tile_max);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = exp2_nonpos(sr[j] - m_new);
+    sr[j] = p;
+    sum += p;
+  }
+  if (m_new != m) {  // the max moved: rescale what was summed under the old one
+    const float alpha = exp2_nonpos(m - m_new);  // 0 for the first tile (m = -inf)
+    l *= alpha;
+    scale_row<DT>(acc, alpha, D);
+    m = m_new;
+  }
+  l += sum;
+}
+
+// Head dims that are whole vectors: each K and V row of the tile is loaded (and, from a
+// bfloat16 cache, widened) into registers once and used by all G query heads sharing it.
+// V is accumulated into ROWS query rows at a time, ROWS x NV accumulators in registers.
+template <int NV, int ROWS, class T>
+inline void accumulate_v_rows(float* acc, const float* p, const T* v, int64_t n, int64_t stride) {
+  constexpr int64_t D = NV * kLanes;
+  vec16 a[ROWS][NV];
+  for (int r = 0; r < ROWS; ++r)
+    for (int i = 0; i < NV; ++i) a[r][i] = load16(acc + r * D + i * kLanes);
+  for (int64_t j = 0; j < n; ++j) {
+    vec16 vr[NV];
+    for (int i = 0; i < NV; ++i) vr[i] = load16(v + j * stride + i * kLanes);
+    for (int r = 0; r < ROWS; ++r) {
+      const float pj = p[r * kDecodeTile + j];
+      for (int i = 0; i < NV; ++i) a[r][i] += pj * vr[i];
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int i = 0; i < NV; ++i) store16(acc + r * D + i * kLanes, a[r][i]);
+}
+
+// One tile of n keys for kv heads [0, heads) of a token row `stride` elements long, query rows
+// r = h * G + g (q at q + r * D, scores at s[r * kDecodeTile + j]). K is walked token by
+// token, all heads of a token together: one sequential pass over the tile as it arrives.
+template <int NV, class T>
+inline void decode_tile_fast(const T* k, const T* v, int64_t n, int64_t stride, int64_t heads,
+                             const float* q, int64_t G, float* s, float* m, float* l,
+                             float* acc) {
+  constexpr int64_t D = NV * kLanes;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t h = 0, r = 0; h < heads; ++h) {
+      vec16 kr[NV];
+      for (int i = 0; i < NV; ++i) kr[i] = load16(k + j * stride + h * D + i * kLanes);
+      for (int64_t g = 0; g < G; ++g, ++r) {
+        const float* qr = q + r * D;
+        vec16 dot = load16(qr) * kr[0];
+        for (int i = 1; i < NV; ++i) dot += load16(qr + i * kLanes) * kr[i];
+        s[r * kDecodeTile + j] = hsum(dot);
+      }
+    }
+  }
+  for (int64_t r = 0; r < heads * G; ++r)
+    softmax_tile<D>(s + r * kDecodeTile, n, m[r], l[r], acc + r * D, D);
+  // Up to kRows rows per pass over V: kRows x NV accumulators and NV V registers of the 32.
+  constexpr int64_t kRows = NV <= 4 ? 4 : 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const T* vh = v + h * D;
+    for (int64_t r = h * G, last = (h + 1) * G; r < last;) {
+      const int64_t rows = std::min(kRows, last - r);
+      float* a = acc + r * D;
+      const float* p = s + r * kDecodeTile;
+      switch (rows) {
+        case 4:
+          if constexpr (kRows >= 4) accumulate_v_rows<NV, 4>(a, p, vh, n, stride);
+          break;
+        case 3:
+          if constexpr (kRows >= 3) accumulate_v_rows<NV, 3>(a, p, vh, n, stride);
+          break;
+        case 2:
+          accumulate_v_rows<NV, 2>(a, p, vh, n, stride);
+          break;
+        default:
+          accumulate_v_rows<NV, 1>(a, p, vh, n, stride);
+      }
+      r += rows;
+    }
+  }
+}
+
+template <int DT, class T>
+void decode_range_t(const PagedCache<T>& c, const int32_t* table, int64_t h0, int64_t h1,
                     const float* q, int64_t G, int64_t begin, int64_t end, float* m, float* l,
                     float* acc, float* s) {
   const int64_t D = DT ? DT : c.head_dim;
   const int64_t BS = c.block_size, stride = c.kv_heads * D;
-  const int64_t rows = (h1 - h0) * G;
+  float* kbuf = s + (h1 - h0) * G * kDecodeTile;  // generic path: a bfloat16 tile, widened
+  float* vbuf = kbuf + kDecodeTile * D;
   for (int64_t t0 = begin; t0 < end;) {
     // A tile never crosses a block: token j's rows of heads [h0, h1) are one contiguous run,
-    // `stride` floats after token j - 1's.
+    // `stride` elements after token j - 1's.
     const int64_t blk = t0 / BS, off = t0 - blk * BS;
     const int64_t n = std::min({end - t0, BS - off, kDecodeTile});
     // 64-bit offsets: block ids times strides overflow int32 on large caches.
     const int64_t base = (static_cast<int64_t>(table[blk]) * BS + off) * stride + h0 * D;
     if (t0 + n < end) prefetch_tile(c, table, h0, h1, t0 + n, end);
-    // Scores: each K row (one kv head, one key) is read once for all G query heads sharing
-    // it (GQA). Row r = (h - h0) * G + g; its scores at s[r * kDecodeTile + j].
-    // (Nested head / group loops rather than r / G: an integer division per dot was a
-    // measurable share of the tile's time.)
-    for (int64_t j = 0; j < n; ++j) {
-      const float* kr = c.k + base + j * stride;
-      for (int64_t h = 0, r = 0; h < h1 - h0; ++h, kr += D)
-        for (int64_t g = 0; g < G; ++g, ++r) s[r * kDecodeTile + j] = dot<DT>(q + r * D, kr, D);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      float* sr = s + r * kDecodeTile;
-      float tile_max = kNegInf;
-#pragma omp simd reduction(max : tile_max)
-      for (int64_t j = 0; j < n; ++j) tile_max = std::max(tile_max, sr[j]);
-      const float m_new = std::max(m[r], tile_max);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        const float p = exp2_nonpos(sr[j] - m_new);
-        sr[j] = p;
-        sum += p;
+    // Query heads h * G + g share kv head h (GQA): row r = h * G + g, scores at
+    // s[r * kDecodeTile + j].
+    if constexpr (DT > 0 && DT % kLanes == 0) {
+      decode_tile_fast<DT / kLanes>(c.k + base, c.v + base, n, stride, h1 - h0, q, G, s, m, l,
+                                    acc);
+    } else {
+      for (int64_t h = 0; h < h1 - h0; ++h) {
+        const int64_t r0 = h * G;
+        const FloatRows k = float_rows(c.k + base + h * D, n, stride, D, kbuf);
+        const FloatRows v = float_rows(c.v + base + h * D, n, stride, D, vbuf);
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t r = r0; r < r0 + G; ++r)
+            s[r * kDecodeTile + j] = dot<DT>(q + r * D, k.p + j * k.stride, D);
+        for (int64_t r = r0; r < r0 + G; ++r) {
+          softmax_tile<DT>(s + r * kDecodeTile, n, m[r], l[r], acc + r * D, D);
+          accumulate_v<DT>(acc + r * D, s + r * kDecodeTile, v.p, n, v.stride, D);
+        }
       }
-      if (m_new != m[r]) {  // the max moved: rescale what was summed under the old one
-        const float alpha = exp2_nonpos(m[r] - m_new);  // 0 for the first tile (m = -inf)
-        l[r] *= alpha;
-        scale_row<DT>(acc + r * D, alpha, D);
-        m[r] = m_new;
-      }
-      l[r] += sum;
-      const int64_t h = r / G;  // once per row and tile, not per key
-      accumulate_v<DT>(acc + r * D, sr, c.v + base + h * D, n, stride, D);
     }
     t0 += n;
   }
@@ -168,6 +268,8 @@ struct ExtendScratch {
   float* l;      // [Rp]
   float* alpha;  // [Rp]
   float* acc;    // [Rp][D]
+  float* kt;     // [kKeyTile][D] a bfloat16 key tile, widened
+  float* vt;     // [kKeyTile][D] its values
   int32_t* pos;  // [Rp] position of each row's token (padding rows: -1, nothing valid)
 
   ExtendScratch(float* base, int64_t Rp, int64_t D) {
@@ -177,12 +279,14 @@ struct ExtendScratch {
     l = m + Rp;
     alpha = l + Rp;
     acc = alpha + Rp;
-    pos = reinterpret_cast<int32_t*>(acc + Rp * D);
+    kt = acc + Rp * D;
+    vt = kt + kKeyTile * D;
+    pos = reinterpret_cast<int32_t*>(vt + kKeyTile * D);
   }
 };
 
-template <int DT>
-void extend_tile_t(const PagedCache& c, const int32_t* table, int64_t kv_head, int64_t G,
+template <int DT, class T>
+void extend_tile_t(const PagedCache<T>& c, const int32_t* table, int64_t kv_head, int64_t G,
                    const float* q, int64_t q_stride, float* out, int64_t out_stride,
                    int64_t first_pos, int64_t tokens, float qscale, int64_t window,
                    float* scratch) {
@@ -206,15 +310,15 @@ void extend_tile_t(const PagedCache& c, const int32_t* table, int64_t kv_head, i
     const int64_t blk = t0 / BS, off = t0 - blk * BS;
     const int64_t n = std::min({last_pos + 1 - t0, BS - off, kKeyTile});
     const int64_t base = (static_cast<int64_t>(table[blk]) * BS + off) * stride + kv_head * D;
-    const float* kb = c.k + base;
-    const float* vb = c.v + base;
+    const FloatRows k = float_rows(c.k + base, n, stride, D, w.kt);
+    const FloatRows v = float_rows(c.v + base, n, stride, D, w.vt);
 
     // Scores S[j][r] for the whole key tile: keys past n point at key 0 (always a valid
     // row, so no junk is read) and are masked below.
     for (int64_t rb = 0; rb < Rp; rb += kLanes) {
       for (int64_t j0 = 0; j0 < kKeyTile; j0 += kKeyStep) {
         const float* kr[kKeyStep];
-        for (int64_t u = 0; u < kKeyStep; ++u) kr[u] = kb + (j0 + u < n ? j0 + u : 0) * stride;
+        for (int64_t u = 0; u < kKeyStep; ++u) kr[u] = k.p + (j0 + u < n ? j0 + u : 0) * k.stride;
         vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
         const float* qcol = w.qt + rb;
         for (int64_t d = 0; d < D; ++d) {
@@ -280,7 +384,7 @@ void extend_tile_t(const PagedCache& c, const int32_t* table, int64_t kv_head, i
       w.l[r] = w.l[r] * w.alpha[r] + sum;
       float* a = w.acc + r * D;
       if (w.alpha[r] != 1.f) scale_row<DT>(a, w.alpha[r], D);
-      accumulate_v<DT>(a, p, vb, n, stride, D);
+      accumulate_v<DT>(a, p, v.p, n, v.stride, D);
     }
     t0 += n;
   }
@@ -296,7 +400,8 @@ void extend_tile_t(const PagedCache& c, const int32_t* table, int64_t kv_head, i
 
 }  // namespace
 
-void decode_range(const PagedCache& c, const int32_t* table, int64_t h0, int64_t h1,
+template <class T>
+void decode_range(const PagedCache<T>& c, const int32_t* table, int64_t h0, int64_t h1,
                   const float* q, int64_t groups, int64_t begin, int64_t end, float* m, float* l,
                   float* acc, float* scratch) {
   switch (c.head_dim) {
@@ -327,7 +432,8 @@ void merge_partials(int64_t parts, int64_t rows, int64_t head_dim, const float* 
   }
 }
 
-void extend_tile(const PagedCache& c, const int32_t* table, int64_t kv_head, int64_t groups,
+template <class T>
+void extend_tile(const PagedCache<T>& c, const int32_t* table, int64_t kv_head, int64_t groups,
                  const float* q, int64_t q_stride, float* out, int64_t out_stride,
                  int64_t first_pos, int64_t tokens, float qscale, int64_t window,
                  float* scratch) {
@@ -344,12 +450,26 @@ void extend_tile(const PagedCache& c, const int32_t* table, int64_t kv_head, int
   }
 }
 
+// The two cache dtypes the bindings use.
+template void decode_range(const PagedCache<float>&, const int32_t*, int64_t, int64_t,
+                           const float*, int64_t, int64_t, int64_t, float*, float*, float*,
+                           float*);
+template void decode_range(const PagedCache<uint16_t>&, const int32_t*, int64_t, int64_t,
+                           const float*, int64_t, int64_t, int64_t, float*, float*, float*,
+                           float*);
+template void extend_tile(const PagedCache<float>&, const int32_t*, int64_t, int64_t,
+                          const float*, int64_t, float*, int64_t, int64_t, int64_t, float, int64_t,
+                          float*);
+template void extend_tile(const PagedCache<uint16_t>&, const int32_t*, int64_t, int64_t,
+                          const float*, int64_t, float*, int64_t, int64_t, int64_t, float, int64_t,
+                          float*);
+
 int64_t extend_tile_tokens(int64_t groups) { return std::max<int64_t>(1, kRows / groups); }
 
 int64_t extend_scratch_floats(int64_t groups, int64_t head_dim, int64_t tokens) {
   const int64_t Rp = round_up(tokens * groups, kLanes);
-  // qt + s + m, l, alpha + acc + pos (int32, one float's room each)
-  return head_dim * Rp + kKeyTile * Rp + 3 * Rp + Rp * head_dim + Rp;
+  // qt + s + m, l, alpha + acc + kt, vt + pos (int32, one float's room each)
+  return head_dim * Rp + kKeyTile * Rp + 3 * Rp + Rp * head_dim + 2 * kKeyTile * head_dim + Rp;
 }
 
 }  // namespace kvmesh

@@ -7,18 +7,22 @@
 // of keys updates a running max `m`, a running sum `l` of 2^(s - m) and an unnormalised
 // output `acc`, and the result is acc / l.
 //
-// Cache layout: k / v [num_blocks, block_size, kv_heads, head_dim] float32, contiguous; token
-// t of a sequence lives in block table[t / block_size], slot t % block_size. Only slots below
-// a sequence's length are ever read (the rest of a block may hold anything, NaN included).
+// Cache layout: k / v [num_blocks, block_size, kv_heads, head_dim], contiguous, float32 or
+// bfloat16 (a bfloat16 model's cache: half the bytes to read per decode step, widened to
+// float32 as each row is loaded, so all arithmetic stays float32); token t of a sequence lives
+// in block table[t / block_size], slot t % block_size. Only slots below a sequence's length are
+// ever read (the rest of a block may hold anything, NaN included).
 #pragma once
 
 #include <cstdint>
 
 namespace kvmesh {
 
+// T: float (float32) or uint16_t (bfloat16 bits, see cpu_math.h).
+template <class T>
 struct PagedCache {
-  const float* k;
-  const float* v;
+  const T* k;
+  const T* v;
   int64_t block_size;
   int64_t kv_heads;
   int64_t head_dim;
@@ -30,10 +34,16 @@ constexpr int64_t kDecodeTile = 32;
 // Decode: one query token of one sequence against its keys [begin, end), for kv heads
 // [h0, h1) and the `groups` query heads sharing each: query row r = (h - h0) * groups + g at
 // q + r * head_dim (pre-scaled). Updates m[r], l[r] and acc[r * head_dim ...] in place (start
-// them at -inf, 0, 0). `scratch`: (h1 - h0) * groups * kDecodeTile floats.
-void decode_range(const PagedCache& c, const int32_t* table, int64_t h0, int64_t h1,
+// them at -inf, 0, 0). `scratch`: decode_scratch_floats(h1 - h0, groups, head_dim) floats.
+template <class T>
+void decode_range(const PagedCache<T>& c, const int32_t* table, int64_t h0, int64_t h1,
                   const float* q, int64_t groups, int64_t begin, int64_t end, float* m, float* l,
                   float* acc, float* scratch);
+
+// Floats of scratch decode_range needs: score tiles, and room to widen a bfloat16 K and V tile.
+inline int64_t decode_scratch_floats(int64_t kv_heads, int64_t groups, int64_t head_dim) {
+  return kv_heads * groups * kDecodeTile + 2 * kDecodeTile * head_dim;
+}
 
 // Combines `parts` partial states of the same rows (part p: m + p * rows, l + p * rows,
 // acc + p * rows * head_dim; a part that saw no key has m = -inf) and writes the normalised
@@ -46,7 +56,8 @@ void merge_partials(int64_t parts, int64_t rows, int64_t head_dim, const float* 
 // last `window` positions up to their own). Query row (i, g) of kv head `kv_head` is
 // q + i * q_stride + g * head_dim (not pre-scaled: `qscale` = scale * log2(e) is applied here);
 // its output goes to out + i * out_stride + g * head_dim.
-void extend_tile(const PagedCache& c, const int32_t* table, int64_t kv_head, int64_t groups,
+template <class T>
+void extend_tile(const PagedCache<T>& c, const int32_t* table, int64_t kv_head, int64_t groups,
                  const float* q, int64_t q_stride, float* out, int64_t out_stride,
                  int64_t first_pos, int64_t tokens, float qscale, int64_t window,
                  float* scratch);

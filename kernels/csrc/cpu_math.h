@@ -1,5 +1,5 @@
 // Small vector helpers shared by the CPU kernels: a 16-float GCC vector type, a horizontal sum,
-// and a vectorisable 2^x for x <= 0. Header-only (inline) so each kernel inlines them.
+// a vectorisable 2^x for x <= 0, and bfloat16 (stored as uint16_t) to and from float. Header-only (inline) so each kernel inlines them.
 //
 // The kernels are built with -O3 -march=native but without -ffast-math (see attention_cpu.cpp),
 // so these spell out the vectorisation that flag would otherwise buy.
@@ -7,6 +7,10 @@
 
 #include <cstdint>
 #include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace kvmesh {
 
@@ -56,6 +60,49 @@ inline float hsum(vec16 v) {
   const vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) +
                  __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// bfloat16 <-> float as torch converts: widening is exact (the bits move to the top half);
+// narrowing rounds to nearest even, and a NaN stays a NaN.
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if (f != f) return 0x7FC0;
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// One element of either storage dtype, as float.
+inline float load_elem(float v) { return v; }
+inline float load_elem(uint16_t v) { return bf16_to_float(v); }
+
+// 16 bfloat16 widened to 16 floats: a zero-extend and a shift (vpmovzxwd + vpslld), so a
+// bfloat16 row costs little more to read than a float32 one, and half the bytes.
+inline vec16 load16(const uint16_t* p) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+  typedef uint16_t u16x16 __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(2)));
+  typedef uint32_t u32x16 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+  const u32x16 f = __builtin_convertvector(*reinterpret_cast<const u16x16*>(p), u32x16) << 16;
+#endif
+  vec16 v;
+  std::memcpy(&v, &f, sizeof v);  // a bit cast: no instruction
+  return v;
+}
+
+// n bfloat16 widened to float32 at dst.
+inline void widen_bf16(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store16(dst + i, load16(src + i));
+  for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
 }
 
 }  // namespace kvmesh

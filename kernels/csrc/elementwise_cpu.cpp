@@ -44,23 +44,9 @@ inline float sigmoid(float g) {
   return g >= 0.f ? inv : e * inv;
 }
 
-// bfloat16 <-> float as torch converts: widening is exact; narrowing rounds to nearest even,
-// and a NaN stays a NaN. The bfloat16 kernels round wherever the twins' bfloat16 ops round
-// (the residual sum, the normalised row before the weight, SiLU before the product), so they
-// give the twins' values but for the last bits of the float32 steps between.
-inline float bf16_to_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if (f != f) return 0x7FC0;
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+// The bfloat16 kernels round wherever the twins' bfloat16 ops round (the residual sum, the
+// normalised row before the weight, SiLU before the product), so they give the twins' values
+// but for the last bits of the float32 steps between.
 inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 const uint16_t* bf16_data(const torch::Tensor& t) {
@@ -70,11 +56,9 @@ uint16_t* bf16_data_mut(torch::Tensor& t) {
   return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
 }
 
-// Element access for the kernels that take either dtype: float32 as is, bfloat16 (uint16_t
-// storage) widened on load and rounded on store; as_stored rounds a float32 value the way a
+// Element stores for the kernels that take either dtype (loads: load_elem in cpu_math.h):
+// float32 as is, bfloat16 (uint16_t storage) rounded; as_stored rounds a float32 value the way a
 // bfloat16 twin op would store it.
-inline float load_elem(float v) { return v; }
-inline float load_elem(uint16_t v) { return bf16_to_float(v); }
 inline void store_elem(float& p, float v) { p = v; }
 inline void store_elem(uint16_t& p, float v) { p = float_to_bf16(v); }
 template <class E>

@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention_cpu.h"
@@ -36,13 +37,23 @@ constexpr int64_t kMinParallelBytes = 512 << 10;  // decode: K+V bytes to read
 constexpr int64_t kMinParallelMacs = 4 << 20;     // extend: multiply-adds
 constexpr float kLog2e = 1.4426950408889634f;
 
-kvmesh::PagedCache check_cache(const torch::Tensor& q, const torch::Tensor& k_cache,
-                               const torch::Tensor& v_cache, const torch::Tensor& out,
-                               const char* op) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32 &&
-                  v_cache.scalar_type() == torch::kFloat32 &&
-                  out.scalar_type() == torch::kFloat32,
-              op, ": float32 only");
+// The cache's element type: float for float32, uint16_t for bfloat16's bits.
+template <class T>
+const T* cache_data(const torch::Tensor& t) {
+  if constexpr (std::is_same_v<T, float>) return t.data_ptr<float>();
+  else return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+template <class T>
+kvmesh::PagedCache<T> check_cache(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                  const torch::Tensor& v_cache, const torch::Tensor& out,
+                                  const char* op) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32, op,
+              ": float32 queries and output");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() &&
+                  (k_cache.scalar_type() == torch::kFloat32 ||
+                   k_cache.scalar_type() == torch::kBFloat16),
+              op, ": K and V caches both float32 or both bfloat16");
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes() && k_cache.dim() == 4 &&
                   v_cache.sizes() == k_cache.sizes(),
               op, ": q/out [T, H, D], caches [NB, BS, KVH, D]");
@@ -53,7 +64,7 @@ kvmesh::PagedCache check_cache(const torch::Tensor& q, const torch::Tensor& k_ca
               op, ": each token's [H, D] must be dense");
   const int64_t H = q.size(1), D = q.size(2), KVH = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == D && H % KVH == 0, op, ": head shapes do not match");
-  return {k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), KVH, D};
+  return {cache_data<T>(k_cache), cache_data<T>(v_cache), k_cache.size(1), KVH, D};
 }
 
 void check_index(const torch::Tensor& t, int64_t rows, const char* what) {
@@ -82,10 +93,11 @@ struct DecodeItem {
 
 // out[tokens[i]] = attention of q[tokens[i]] (one query token of sequence i, the last of its
 // seq_lens[i] tokens) over that sequence's cached keys; window > 0: only the last `window`.
-void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
-                  torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
-                  torch::Tensor tokens, double scale, int64_t window) {
-  const kvmesh::PagedCache c = check_cache(q, k_cache, v_cache, out, "paged_decode");
+template <class T>
+void paged_decode_t(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
+                    torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
+                    torch::Tensor tokens, double scale, int64_t window) {
+  const kvmesh::PagedCache<T> c = check_cache<T>(q, k_cache, v_cache, out, "paged_decode");
   const int64_t N = seq_lens.size(0), H = q.size(1), D = c.head_dim, KVH = c.kv_heads;
   const int64_t G = H / KVH;
   check_index(seq_lens, N, "paged_decode seq_lens");
@@ -108,7 +120,7 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   for (int64_t n = 0; n < N; ++n)
     total_keys += window > 0 ? std::min<int64_t>(lens[n], window) : lens[n];
   const int64_t threads =
-      total_keys * KVH * D * 2 * static_cast<int64_t>(sizeof(float)) < kMinParallelBytes
+      total_keys * KVH * D * 2 * static_cast<int64_t>(sizeof(T)) < kMinParallelBytes
           ? 1
           : at::get_num_threads();
   const int64_t hpi = N >= threads ? KVH : std::max<int64_t>(1, KVH * N / threads);
@@ -154,8 +166,8 @@ void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
       pending[it.seq * groups_per_seq + it.h0 / hpi].store(static_cast<int32_t>(it.parts));
 
   const int64_t max_rows = hpi * G;
-  // scratch: scaled q rows, m, l, acc (for unsplit items), score tiles
-  const int64_t scratch = max_rows * (2 * D + 2 + kvmesh::kDecodeTile);
+  // scratch: scaled q rows, m, l, acc (for unsplit items), then decode_range's own
+  const int64_t scratch = max_rows * (2 * D + 2) + kvmesh::decode_scratch_floats(hpi, G, D);
   run_items(static_cast<int64_t>(items.size()), threads, scratch, [&](int64_t i, float* s) {
     const DecodeItem& it = items[i];
     const int64_t unit = it.seq * groups_per_seq + it.h0 / hpi;
@@ -199,10 +211,11 @@ struct ExtendItem {
 // seq_lens[i] tokens (their K/V already in the cache), attend causally to every cached key up
 // to their own position (window > 0: only the last `window`); results go to the same rows of
 // out.
-void paged_extend(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
-                  torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
-                  torch::Tensor q_starts, torch::Tensor q_lens, double scale, int64_t window) {
-  const kvmesh::PagedCache c = check_cache(q, k_cache, v_cache, out, "paged_extend");
+template <class T>
+void paged_extend_t(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
+                    torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
+                    torch::Tensor q_starts, torch::Tensor q_lens, double scale, int64_t window) {
+  const kvmesh::PagedCache<T> c = check_cache<T>(q, k_cache, v_cache, out, "paged_extend");
   const int64_t P = seq_lens.size(0), H = q.size(1), D = c.head_dim, KVH = c.kv_heads;
   const int64_t G = H / KVH;
   check_index(seq_lens, P, "paged_extend seq_lens");
@@ -252,14 +265,33 @@ void paged_extend(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   });
 }
 
+void paged_decode(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
+                  torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
+                  torch::Tensor tokens, double scale, int64_t window) {
+  if (k_cache.scalar_type() == torch::kBFloat16)
+    return paged_decode_t<uint16_t>(out, q, k_cache, v_cache, block_tables, seq_lens, tokens,
+                                    scale, window);
+  paged_decode_t<float>(out, q, k_cache, v_cache, block_tables, seq_lens, tokens, scale, window);
+}
+
+void paged_extend(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
+                  torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
+                  torch::Tensor q_starts, torch::Tensor q_lens, double scale, int64_t window) {
+  if (k_cache.scalar_type() == torch::kBFloat16)
+    return paged_extend_t<uint16_t>(out, q, k_cache, v_cache, block_tables, seq_lens, q_starts,
+                                    q_lens, scale, window);
+  paged_extend_t<float>(out, q, k_cache, v_cache, block_tables, seq_lens, q_starts, q_lens,
+                        scale, window);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode,
-        "one-pass decode attention over a paged float32 KV cache (GQA, split-K)");
+        "one-pass decode attention over a paged float32 or bfloat16 KV cache (GQA, split-K)");
   m.def("paged_extend", &paged_extend,
-        "causal attention of prefill chunks over a paged float32 KV cache (cached prefix + "
-        "the chunk itself)");
+        "causal attention of prefill chunks over a paged float32 or bfloat16 KV cache (cached "
+        "prefix + the chunk itself)");
   m.def("rms_norm", &kvmesh::rms_norm, "RMSNorm of x + residual, and the sum (float32)");
   m.def("silu_and_mul", &kvmesh::silu_and_mul, "silu(gate) * up of the fused projection");
   m.def("rotary_embedding", &kvmesh::rotary_embedding, "NeoX rotary embedding of q, k in place");

@@ -65,8 +65,9 @@ class Attention(nn.Module):
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        if not cache.quantized and cache.k.dtype != q.dtype:
-            # A 16-bit model over a float32 cache (CPU): attention runs in float32.
+        if not cache.quantized and q.device.type == "cpu" and q.dtype != torch.float32:
+            # A 16-bit model on a CPU: RoPE and attention run in float32 (the CPU kernels'
+            # arithmetic); the cache stores K and V in its own dtype (``kv_storage_dtype``).
             q, k, v = q.float(), k.float(), v.float()
         kernels.rotary_embedding(positions, q, k, self.cos_sin_cache)
         kernels.reshape_and_cache(k, v, cache, meta.slot_mapping)

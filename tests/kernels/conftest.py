@@ -110,7 +110,7 @@ def make_paged_batch(
             return torch.randint(-127, 128, shape, dtype=torch.int8)
         if kv_dtype == torch.float8_e4m3fn:
             return (torch.randn(shape) * 100).clamp(-448, 448).to(kv_dtype)
-        return torch.randn(shape, dtype=dtype)
+        return torch.randn(shape, dtype=kv_dtype)
 
     written = torch.zeros(num_blocks, block_size, dtype=torch.bool)
     for (ctx, new), table in zip(chunks, tables, strict=True):

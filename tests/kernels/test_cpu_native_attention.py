@@ -5,7 +5,8 @@ NaN, so a read out of bounds shows; the twin (``USE_CPU_NATIVE`` off: SDPA over 
 reads the same values with zeros there. Shapes cover the decode kernel's unrolled head dims
 (64, 128) and its generic path (40), GQA ratios 1, 3 and 8, several block sizes, ragged
 lengths, sliding windows, chunks with and without cached context, and a batch-1 decode long
-enough to be split across threads and merged.
+enough to be split across threads and merged; each over a float32 and a bfloat16 cache (float32
+queries and arithmetic either way: the twin widens the same bfloat16 values as it gathers).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def _kernels_built():
 
 
 GROUPS = [(2, 2), (9, 3), (8, 1)]  # (heads, kv heads): GQA ratios 1, 3 (SmolLM2), 8 (MQA)
+CACHE_DTYPES = pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 
 
 def _reference(batch, scale, window, monkeypatch):
@@ -54,32 +56,34 @@ def more_threads():
     torch.set_num_threads(saved)
 
 
+@CACHE_DTYPES
 @pytest.mark.parametrize(("heads", "kv_heads"), GROUPS)
 @pytest.mark.parametrize(("block_size", "head_dim"), [(16, 64), (8, 128), (32, 40), (1, 64)])
 @pytest.mark.parametrize("window", [None, 7])
 def test_decode_matches_twin(
-    seed, paged_batch, monkeypatch, heads, kv_heads, block_size, head_dim, window
+    seed, paged_batch, monkeypatch, heads, kv_heads, block_size, head_dim, window, kv_dtype
 ):
     random.seed(seed)
     # Ragged: tiny, not a multiple of the block size, several blocks.
     lens = [1, random.randrange(2, 3 * block_size + 5), random.randrange(1, 200), 64]
     batch = paged_batch(
-        [(n - 1, 1) for n in lens], heads, kv_heads, head_dim, block_size, torch.float32
+        [(n - 1, 1) for n in lens], heads, kv_heads, head_dim, block_size, torch.float32, kv_dtype
     )
     scale = head_dim**-0.5
     _check(_native(batch, scale, window), _reference(batch, scale, window, monkeypatch), seed)
 
 
+@CACHE_DTYPES
 @pytest.mark.parametrize(("heads", "kv_heads"), GROUPS)
 @pytest.mark.parametrize("window", [None, 100])
 def test_batch1_long_decode_splits_across_threads(
-    seed, paged_batch, monkeypatch, more_threads, heads, kv_heads, window
+    seed, paged_batch, monkeypatch, more_threads, heads, kv_heads, window, kv_dtype
 ):
     """A single sequence with a long context: split into key ranges whose partial softmax
     states are merged (a wrong merge weight or a lost part shows as a mismatch)."""
     random.seed(seed)
     ctx = random.randrange(1500, 2500)
-    batch = paged_batch([(ctx, 1)], heads, kv_heads, 64, 16, torch.float32)
+    batch = paged_batch([(ctx, 1)], heads, kv_heads, 64, 16, torch.float32, kv_dtype)
     _check(_native(batch, 0.125, window), _reference(batch, 0.125, window, monkeypatch), seed)
 
 
@@ -96,15 +100,16 @@ def _extend_chunks(block_size: int) -> list[tuple[int, int]]:
     ]
 
 
+@CACHE_DTYPES
 @pytest.mark.parametrize(("heads", "kv_heads"), GROUPS)
 @pytest.mark.parametrize(("block_size", "head_dim"), [(16, 64), (8, 128), (32, 40)])
 @pytest.mark.parametrize("window", [None, 1, 21])
 def test_extend_matches_twin(
-    seed, paged_batch, monkeypatch, heads, kv_heads, block_size, head_dim, window
+    seed, paged_batch, monkeypatch, heads, kv_heads, block_size, head_dim, window, kv_dtype
 ):
     random.seed(seed)
     batch = paged_batch(
-        _extend_chunks(block_size), heads, kv_heads, head_dim, block_size, torch.float32
+        _extend_chunks(block_size), heads, kv_heads, head_dim, block_size, torch.float32, kv_dtype
     )
     scale = 0.3
     _check(_native(batch, scale, window), _reference(batch, scale, window, monkeypatch), seed)
@@ -154,8 +159,30 @@ def test_kernels_write_every_row(seed, paged_batch, monkeypatch):
     _check(out, ref, seed)
 
 
-def test_quantised_and_non_cpu_float32_caches_stay_on_the_twin(paged_batch):
+def test_only_float32_queries_over_float32_or_bfloat16_caches_go_native(paged_batch):
     batch = paged_batch([(10, 1)], 4, 2, 16, 8, torch.float32, kv_dtype=torch.int8)
     assert batch.cache.quantized and torch_ops._native_ops(batch.q, batch.cache) is None
     batch = paged_batch([(10, 1)], 4, 2, 16, 8, torch.float16)
     assert torch_ops._native_ops(batch.q, batch.cache) is None
+    batch = paged_batch([(10, 1)], 4, 2, 16, 8, torch.bfloat16)  # bfloat16 queries: twin
+    assert torch_ops._native_ops(batch.q, batch.cache) is None
+    batch = paged_batch([(10, 1)], 4, 2, 16, 8, torch.float32, kv_dtype=torch.bfloat16)
+    assert torch_ops._native_ops(batch.q, batch.cache) is not None
+
+
+def test_caches_of_two_dtypes_are_refused(paged_batch):
+    batch = paged_batch([(10, 1)], 4, 2, 64, 8, torch.float32)
+    plan = torch_ops._native_plan(batch.meta)["decode"]
+    out = torch.empty_like(batch.q)
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        cpu_native.native_ops().paged_decode(
+            out,
+            batch.q,
+            batch.cache.k,
+            batch.cache.v.bfloat16(),
+            plan["tables"],
+            plan["lens"],
+            plan["starts"],
+            0.2,
+            0,
+        )
