@@ -38,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvmesh.cluster import loadgen
 from kvmesh.cluster.app_config import AppConfig
-from kvmesh.cluster.serve_cmd import threads_per_replica
+from kvmesh.cluster.serve_cmd import burst_threads_per_replica, threads_per_replica
 
 OUT = Path(__file__).parent / "out"
 OVERHEAD = "kvmesh:serving_overhead_seconds"
@@ -105,6 +105,9 @@ def app_config(
     model: str | None, replicas: int, port: int, cpus: int, threads: int | None = None
 ) -> AppConfig:
     share = threads or threads_per_replica(cpus, replicas)
+    # As `kvmesh serve` splits the cores: steps with real work borrow the core left to Serve
+    # (unless --torch-threads fixes the count).
+    burst = None if threads else burst_threads_per_replica(cpus, replicas)
     return AppConfig.model_validate(
         {
             "name": "kvmesh-bench",
@@ -116,6 +119,7 @@ def app_config(
                     "replicas": replicas,
                     "num_cpus": float(share),
                     "torch_threads": share,
+                    "torch_threads_burst": burst,
                     "max_pending_requests": 1024,
                 }
             ],
@@ -172,7 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model or "SmolLM2-135M-Instruct (embedded)",
         "cpus": cpus,
-        "torch_threads": args.torch_threads or "(cores - 1) / replicas, at least 1",
+        "torch_threads": args.torch_threads
+        or "(cores - 1) / replicas, at least 1; steps of 8+ tokens on the replica's whole share",
         "workload": {
             "kind": args.workload,
             "input_len": args.input_len,

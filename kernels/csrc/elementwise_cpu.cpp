@@ -243,4 +243,51 @@ void rotary_embedding(const torch::Tensor& positions, const torch::Tensor& q,
   });
 }
 
+torch::Tensor argmax_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1 &&
+                  x.size(1) >= 1,
+              "argmax_rows: float32 [B, V] with dense rows");
+  const int64_t B = x.size(0), V = x.size(1), xs = x.stride(0);
+  torch::Tensor out = torch::empty({B}, x.options().dtype(torch::kInt64));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  typedef int32_t ivec16 __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  at::parallel_for(0, B, grain(V), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* row = xp + b * xs;
+      const int64_t body = V / kLanes * kLanes;
+      float best = row[0];
+      int64_t at = 0;
+      if (body > 0) {
+        // Per lane: its maximum so far and where it first occurred (strictly greater moves
+        // it, so each lane keeps its first maximum); then the lowest index among the lanes
+        // holding the row's maximum is the row's first maximum.
+        vec16 m = load16(row);
+        ivec16 idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        ivec16 cur = idx;
+        for (int64_t i = kLanes; i < body; i += kLanes) {
+          cur += kLanes;
+          const vec16 v = load16(row + i);
+          const auto gt = v > m;
+          m = gt ? v : m;
+          idx = gt ? cur : idx;
+        }
+        best = m[0];
+        for (int l = 1; l < kLanes; ++l) best = m[l] > best ? m[l] : best;
+        at = V;
+        for (int l = 0; l < kLanes; ++l)
+          if (m[l] == best && idx[l] < at) at = idx[l];
+      }
+      // The tail (or a row shorter than a vector) wins only when strictly larger.
+      for (int64_t i = body == 0 ? 1 : body; i < V; ++i)
+        if (row[i] > best) {
+          best = row[i];
+          at = i;
+        }
+      op[b] = at;
+    }
+  });
+  return out;
+}
+
 }  // namespace kvmesh

@@ -26,4 +26,9 @@ torch::Tensor silu_and_mul(const torch::Tensor& x);
 void rotary_embedding(const torch::Tensor& positions, const torch::Tensor& q,
                       const torch::Tensor& k, const torch::Tensor& cos_sin);
 
+// Index of each row's first maximum, as torch's argmax(dim=-1), for finite float32 x [B, V]
+// with dense rows -> int64 [B]: one vectorised pass per row (torch's CPU argmax is a scalar
+// loop), rows split across threads.
+torch::Tensor argmax_rows(const torch::Tensor& x);
+
 }  // namespace kvmesh

@@ -198,11 +198,16 @@ def test_draws_follow_the_filtered_distribution():
 
 
 @pytest.mark.parametrize("vocab", [49152, 32007])
-def test_chunked_argmax_is_torch_argmax_with_ties_and_a_tail(vocab):
-    """The CPU argmax (chunk maxima, then one chunk) returns torch's index, the first
-    maximum, also for ties across chunks and maxima in the tail past the last whole chunk."""
-    from kvmesh.replicas.sampler import argmax_rows
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_argmax_is_torch_argmax_with_ties_and_a_tail(vocab, native, monkeypatch):
+    """The CPU argmax (the C++ one-pass kernel, or the chunked torch twin) returns torch's
+    index, the first maximum, also for ties across vectors and chunks and for maxima in the
+    tail past the last whole vector or chunk."""
+    from kvmesh.kernels import cpu_native, torch_ops
 
+    if native and cpu_native.native_ops() is None:
+        pytest.skip(f"the C++ CPU kernels cannot be built here: {cpu_native.STATUS}")
+    monkeypatch.setattr(torch_ops, "USE_CPU_NATIVE", native)
     gen = torch.Generator().manual_seed(vocab)
     x = torch.randn(16, vocab, generator=gen)
     x[1, [300, 9000]] = 9.0  # a tie: the first wins
@@ -211,7 +216,17 @@ def test_chunked_argmax_is_torch_argmax_with_ties_and_a_tail(vocab):
     x[4] = float("-inf")
     x[4, 77] = -1e30
     x[5] = 0.0  # all equal: index 0
-    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    x[6, [16 * 7 + 3, 16 * 9 + 3]] = 9.0  # a tie within one vector lane
+    x[7, [16 * 9 + 3, 16 * 9 + 5]] = 9.0  # a tie across lanes of one vector
+    x[8, [16 * 9 + 5, 16 * 11 + 2]] = 9.0  # the later vector, the lower lane
+    assert torch.equal(torch_ops.argmax_rows(x), x.argmax(dim=-1))
+    short = x[:, :37]  # shorter than the chunked path takes: torch's own
+    assert torch.equal(torch_ops.argmax_rows(short), short.argmax(dim=-1))
+    if native:  # the kernel itself on rows shorter than a vector and with a tail
+        ops = cpu_native.native_ops()
+        for n in (1, 5, 16, 37):
+            part = x[:, :n].contiguous()
+            assert torch.equal(ops.argmax_rows(part), part.argmax(dim=-1))
 
 
 def test_draws_over_a_real_vocabulary_follow_the_softmax():
