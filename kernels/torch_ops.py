@@ -22,7 +22,7 @@ def rms_norm(
     Computed in float32 and cast back, as transformers does, so greedy outputs match it.
     On a CPU in float32 or bfloat16 this is one fused C++ pass per row (``cpu_native``).
     """
-    native = _native_elementwise(x, weight, residual, dtypes=_NATIVE_NORM_DTYPES)
+    native = _native_elementwise(x, weight, residual, dtypes=NATIVE_DTYPES)
     if native is not None and x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1):
         hidden = x.shape[-1]
         out, summed = native.rms_norm(
@@ -39,8 +39,9 @@ def rms_norm(
     return weight * h.to(x.dtype), x
 
 
-_NATIVE_NORM_DTYPES = (torch.float32, torch.bfloat16)
-"""The dtypes the C++ RMSNorm and SiLU-and-mul take (RoPE: float32, as the CPU cache is)."""
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+"""The dtypes the C++ kernels take: RMSNorm and SiLU-and-mul tensors, attention caches (RoPE,
+attention queries and the argmax: float32 only). A model in one of these uses the kernels."""
 
 _ROPE_MEMO: dict[str, tuple] = {}
 
@@ -80,7 +81,7 @@ def rotary_embedding(
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[:, :I]) * x[:, I:]`` for the fused gate/up projection output."""
-    native = _native_elementwise(x, dtypes=_NATIVE_NORM_DTYPES)
+    native = _native_elementwise(x, dtypes=NATIVE_DTYPES)
     if native is not None and x.stride(-1) == 1:
         two_i = x.shape[-1]
         out = native.silu_and_mul(x.reshape(-1, two_i))
@@ -275,11 +276,11 @@ def paged_attention(
     Each sequence's new tokens attend to its cached prefix plus themselves, causally (and only
     to the last ``sliding_window`` positions when set). The new tokens' K/V must already be in
     the cache. On the CPU (float32 queries, a float32 or bfloat16 cache) this is the C++
-    kernels of ``cpu_native``: a
-    one-pass decode kernel for the rows with one query token and a paged causal kernel for
-    the longer chunks, both straight from the block tables. Elsewhere (and as the reference)
-    it is the torch twin: decodes in length-sorted groups through SDPA, prefill chunks one
-    sequence at a time through SDPA with a bottom-right-aligned causal mask.
+    kernels of ``cpu_native``: a one-pass decode kernel for the rows with one query token and
+    a paged causal kernel for the longer chunks, both straight from the block tables.
+    Elsewhere (and as the reference) it is the torch twin: decodes in length-sorted groups
+    through SDPA, prefill chunks one sequence at a time through SDPA with a
+    bottom-right-aligned causal mask.
     """
     native = _native_ops(q, cache)
     if native is not None:
@@ -350,9 +351,6 @@ USE_CPU_NATIVE = True
 attention benchmark switch it off to get the pure-torch reference."""
 
 
-_NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16)
-
-
 def _native_ops(q: torch.Tensor, cache: KVCacheLayer):
     """The C++ kernels for float32 queries over a float32 or bfloat16 CPU cache (None
     elsewhere or if they cannot build).
@@ -364,7 +362,7 @@ def _native_ops(q: torch.Tensor, cache: KVCacheLayer):
         or q.device.type != "cpu"
         or cache.quantized
         or q.dtype != torch.float32
-        or not (cache.k.dtype == cache.v.dtype and cache.k.dtype in _NATIVE_CACHE_DTYPES)
+        or not (cache.k.dtype == cache.v.dtype and cache.k.dtype in NATIVE_DTYPES)
         or not (cache.k.is_contiguous() and cache.v.is_contiguous())
         or q.stride(-1) != 1
         or q.stride(-2) != q.shape[-1]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvmesh.kernels import torch_ops
 from kvmesh.replicas.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def _is_fresh(engine: LLMEngine) -> bool:
 def _load_kernels(engine: LLMEngine) -> None:
     """Build or load the CPU kernels where the model will use them (a float32 or bfloat16
     model on the CPU, see ``torch_ops._native_ops``); timed apart from the warm-up forward."""
-    if engine.device.type == "cpu" and engine.dtype in (torch.float32, torch.bfloat16):
+    if engine.device.type == "cpu" and engine.dtype in torch_ops.NATIVE_DTYPES:
         from kvmesh.kernels.cpu_native import native_ops
 
         native_ops()

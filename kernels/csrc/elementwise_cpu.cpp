@@ -49,12 +49,6 @@ inline float sigmoid(float g) {
 // but for the last bits of the float32 steps between.
 inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
-const uint16_t* bf16_data(const torch::Tensor& t) {
-  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
-}
-uint16_t* bf16_data_mut(torch::Tensor& t) {
-  return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
-}
 
 // Element stores for the kernels that take either dtype (loads: load_elem in cpu_math.h):
 // float32 as is, bfloat16 (uint16_t storage) rounded; as_stored rounds a float32 value the way a

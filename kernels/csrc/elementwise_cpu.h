@@ -10,6 +10,14 @@
 
 namespace kvmesh {
 
+// A bfloat16 tensor's data as the kernels hold it: uint16_t bits (cpu_math.h widens them).
+inline const uint16_t* bf16_data(const torch::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+inline uint16_t* bf16_data_mut(torch::Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
 // RMSNorm of x + residual, and that sum as the next residual: returns (out, sum), both new
 // tensors (without a residual the sum is x itself). x, residual: [T, H] with dense rows;
 // weight: [H].

@@ -41,7 +41,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 template <class T>
 const T* cache_data(const torch::Tensor& t) {
   if constexpr (std::is_same_v<T, float>) return t.data_ptr<float>();
-  else return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+  else return kvmesh::bf16_data(t);
 }
 
 template <class T>
