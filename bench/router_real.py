@@ -78,6 +78,8 @@ import router_peers
 from serve_bench import free_port
 
 OUT = Path(__file__).parent / "out"
+BLOCK = 16
+"""The replicas' KV block size (the engine default): the prefix cache's granularity."""
 MODEL = "bench"
 PCAR = (
     "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:"
@@ -159,6 +161,11 @@ def make_workload(args: argparse.Namespace) -> Workload:
         tenant = rng.choices(range(n), weights=popularity)[0]
         sessions.append(Session(tenant, t, turns, think))
     return Workload(systems, sessions)
+
+
+def system_prompt_tokens(work: Workload) -> list[int]:
+    """Each system prompt's length in words (one token each, bar the short header)."""
+    return [len(p.split()) for p in work.system_prompts]
 
 
 # ---- running it --------------------------------------------------------------------------------
@@ -295,8 +302,76 @@ def warm_up(url: str, replicas: int) -> None:
             r.raise_for_status()
 
 
+def miss_breakdown(sent: list[Sent], system_tokens: list[int]) -> dict[str, Any]:
+    """Where each completed request's uncached prompt tokens came from, from what the server
+    said it served from cache (router-independent, so peers are comparable):
+
+    * ``system_first``: a tenant's first system-prompt prefill in the run (unavoidable once);
+    * ``system_again``: the system prompt prefilled again (a second replica took the tenant,
+      or its replica had evicted it);
+    * ``history``: the previous turns of the conversation recomputed (evicted, or the turn
+      went to another replica);
+    * ``new``: the part of the prompt no earlier request sent (never cacheable).
+
+    ``system_tokens`` are the system prompts' word counts: each word is one token, and the
+    chat template adds a few, so "the system prompt was cached" means at least that many.
+    """
+    prompt_of = {(s.session, s.turn): s.result.prompt_tokens for s in sent if s.result.ok}
+    seen_tenants: set[int] = set()
+    out = {k: {"requests": 0, "tokens": 0} for k in ("system_first", "system_again", "history")}
+    new_tokens = 0
+    for s in sorted((s for s in sent if s.result.ok), key=lambda s: s.result.start):
+        r = s.result
+        # Tokens an earlier request already sent: the previous turn's prompt (its answer is
+        # scripted text the next turn adds as new), or the system prompt on a first turn.
+        known = prompt_of.get((s.session, s.turn - 1), system_tokens[s.tenant])
+        known = min(known, r.prompt_tokens - 1)
+        new_tokens += r.prompt_tokens - known
+        # The cache holds whole blocks only: up to a block of the known part is not a miss.
+        missed = max(known // BLOCK * BLOCK - r.cached_tokens, 0)
+        if r.cached_tokens < system_tokens[s.tenant] - 2 * BLOCK:
+            kind = "system_again" if s.tenant in seen_tenants else "system_first"
+        elif missed:
+            kind = "history"
+        else:
+            kind = None
+        seen_tenants.add(s.tenant)
+        if kind:
+            out[kind]["requests"] += 1
+            out[kind]["tokens"] += missed
+    out["new"] = {"tokens": new_tokens}
+    return out
+
+
+def request_trace(sent: list[Sent]) -> list[dict[str, Any]]:
+    """One row per request, in start order: enough to redo any analysis of the run."""
+    t0 = min((s.result.start for s in sent), default=0.0)
+    rows = []
+    for s in sorted(sent, key=lambda s: s.result.start):
+        r = s.result
+        rows.append(
+            {
+                "start_s": round(r.start - t0, 3),
+                "session": s.session,
+                "turn": s.turn,
+                "tenant": s.tenant,
+                "ok": r.ok,
+                "replica": r.replica,
+                "prompt_tokens": r.prompt_tokens,
+                "cached_tokens": r.cached_tokens,
+                "ttft_s": None if r.ttft is None else round(r.ttft, 3),
+                "error": r.error,
+            }
+        )
+    return rows
+
+
 def summarize(
-    sent: list[Sent], duration: float, before: dict[str, float], after: dict[str, float]
+    sent: list[Sent],
+    duration: float,
+    before: dict[str, float],
+    after: dict[str, float],
+    system_tokens: list[int],
 ) -> dict[str, Any]:
     results = [s.result for s in sent]
     summary = loadgen.summarize(results, duration)
@@ -319,6 +394,8 @@ def summarize(
             "later_turn_ttft_ms": loadgen.percentiles(
                 [s.result.ttft for s in sent if s.turn > 0 and s.result.ttft is not None]
             ),
+            "misses": miss_breakdown(sent, system_tokens),
+            "trace": request_trace(sent),
         }
     )
     return summary
@@ -363,7 +440,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 run_sessions(url, work, args.output_tokens, args.timeout_s)
             )
             time.sleep(2.5)  # let the replicas push their last counters
-            summary = summarize(sent, duration, before, metric_sums(url))
+            summary = summarize(
+                sent, duration, before, metric_sums(url), system_prompt_tokens(work)
+            )
             runs[router] = summary
             print(f"{router}: {one_line(summary)}", flush=True)
             serve.delete(config.name)
@@ -377,7 +456,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "workload": {
             "sessions": len(work.sessions),
             "requests": n_requests,
-            "system_prompt_tokens": [len(p.split()) for p in work.system_prompts],
+            "system_prompt_tokens": system_prompt_tokens(work),
             "tenant_of_session": [s.tenant for s in work.sessions],
         },
         "runs": runs,
@@ -425,7 +504,7 @@ def run_peer(args: argparse.Namespace, router: str, port: int, work: Workload) -
     finally:
         for c in configs:
             serve.delete(c.name)
-    summary = summarize(sent, duration, _add(before), _add(after))
+    summary = summarize(sent, duration, _add(before), _add(after), system_prompt_tokens(work))
     summary["peer_metrics"] = peer_metrics
     summary["backend_calls"] = {k: v for k, v in sorted(calls.items()) if v}
     if None in summary["requests_per_replica"]:
@@ -476,6 +555,11 @@ def one_line(s: dict[str, Any]) -> str:
     )
 
 
+def _misses(summary: dict[str, Any], kind: str) -> str:
+    m = summary.get("misses", {}).get(kind)
+    return "-" if m is None else f"{m['requests']} / {m['tokens']}"
+
+
 def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
@@ -490,8 +574,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{w['system_prompt_tokens']} tokens",
         "",
         "| router | ok | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | later turns p90 ms "
-        "| req/s | tok/s | replica hit rate | per replica |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| req/s | tok/s | replica hit rate | per replica | system prompt again (req / tok) "
+        "| history missed (req / tok) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in report["runs"].items():
         t, later = s["ttft_ms"], s["later_turn_ttft_ms"]
@@ -500,7 +585,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {name} | {s['completed']}/{s['requests']} | {_f(t['p50'])} | {_f(t['p90'])} | "
             f"{_f(t['p99'])} | {_f(later['p90'])} | {s['request_throughput']:.2f} | "
             f"{s['total_token_throughput']:.0f} | {'-' if rate is None else f'{rate:.1%}'} | "
-            f"{sorted(s['requests_per_replica'].values(), reverse=True)} |"
+            f"{sorted(s['requests_per_replica'].values(), reverse=True)} | "
+            f"{_misses(s, 'system_again')} | {_misses(s, 'history')} |"
         )
     runs = report["runs"]
     peers = [name for name in runs if name in router_peers.PEERS]
