@@ -229,12 +229,15 @@ def metric_sums(
 
 
 def app_config(args: argparse.Namespace, router: str, port: int) -> AppConfig:
-    request_router, options = ROUTERS[router]
-    if router == "prefix_aware":
-        options = {**options, **args.prefix_aware_options}
-    return _app_config(
-        args, f"rb-{router.replace('_', '-')}", port, args.replicas, request_router, options
-    )
+    base, _, variant = router.partition(":")
+    request_router, options = ROUTERS[base]
+    if base == "prefix_aware":
+        options = {**options, **args.prefix_aware_options, **args.variants.get(variant, {})}
+        if variant and (path := options.get("decision_log_path")):
+            path = Path(path)  # one log per variant
+            options["decision_log_path"] = str(path.with_stem(f"{path.stem}-{variant}"))
+    name = "rb-" + router.replace("_", "-").replace(":", "-")
+    return _app_config(args, name, port, args.replicas, request_router, options)
 
 
 def backend_configs(args: argparse.Namespace, router: str, port: int) -> list[AppConfig]:
@@ -641,6 +644,13 @@ def main(argv: list[str] | None = None) -> int:
         default={},
         help="RouterConfig overrides for kvmesh's router, JSON (e.g. '{\"kv_penalty\": 0}')",
     )
+    p.add_argument(
+        "--variants",
+        type=json.loads,
+        default={},
+        help="named RouterConfig overrides on top of --prefix-aware-options, each run as "
+        "router 'prefix_aware:<name>' (e.g. '{\"flatkv\": {\"kv_penalty_by_miss\": false}}')",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks the wiring")
     p.add_argument("--out", default=str(OUT / "router_real"), help="output path stem")
     args = p.parse_args(argv)
@@ -649,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
         args.session_rate, args.think_s = 0.5, 0.5
         args.out += "_smoke"
     args.routers = args.routers.split(",")
-    unknown = sorted(set(args.routers) - set(ALL_ROUTERS))
+    known = [*ALL_ROUTERS, *(f"prefix_aware:{v}" for v in args.variants)]
+    unknown = sorted(set(args.routers) - set(known))
     if unknown:
         p.error(f"unknown routers {unknown}; choose from {ALL_ROUTERS}")
     for router in set(args.routers) & set(router_peers.PEERS):

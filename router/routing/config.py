@@ -96,6 +96,17 @@ class RouterConfig(BaseModel):
         ge=0.0,
         description="Penalty (token equivalents) at full KV usage, quadratic from the soft limit.",
     )
+    kv_penalty_by_miss: bool = Field(
+        default=True,
+        description=(
+            "Scale the KV penalty by the share of the prompt the replica does not hold (the "
+            "new blocks the request would take there). Issue #15: on the 2-replica CPU run at "
+            "0.2 sessions/s a conversation's last turn, 1,488 of its 1,625 tokens cached on "
+            "a replica whose running requests held all its blocks (usage 1.0), paid the full "
+            "4,096-token penalty and went to the other replica: a 6.7 s cold prefill for a "
+            "turn that needed 9 new blocks. Off: the flat penalty of earlier versions."
+        ),
+    )
     eviction_aware: bool = Field(
         default=False,
         description=(

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmesh.router.routing.config import RouterConfig
-from kvmesh.router.routing.policy import Decision, kv_term, queue_term, rate_factors
+from kvmesh.router.routing.policy import Decision, cost_terms, rate_factors
 
 
 @dataclass
@@ -87,10 +87,7 @@ def candidate_terms(decision: Decision, num_prompt_tokens: int, config: RouterCo
     out = []
     factors = rate_factors(decision.candidates, config)
     for cand, factor in zip(decision.candidates, factors, strict=True):
-        miss = factor * config.miss_weight * max(num_prompt_tokens - cand.hit_tokens, 0)
-        queue = factor * queue_term(cand.load.queued_tokens, config)
-        decode = config.decode_weight * cand.load.resident
-        kv = kv_term(cand.load.kv_usage, config)
+        terms = cost_terms(num_prompt_tokens, cand, config, factor)
         out.append(
             CandidateTerms(
                 replica=str(cand.replica),
@@ -98,11 +95,11 @@ def candidate_terms(decision: Decision, num_prompt_tokens: int, config: RouterCo
                 queued_tokens=cand.load.queued_tokens,
                 resident=cand.load.resident,
                 kv_usage=cand.load.kv_usage,
-                miss_cost=miss,
-                queue_cost=queue,
-                decode_cost=decode,
-                kv_cost=kv,
-                cost=miss + queue + decode + kv,
+                miss_cost=terms.miss,
+                queue_cost=terms.queue,
+                decode_cost=terms.decode,
+                kv_cost=terms.kv,
+                cost=terms.total,
                 reported_hit_tokens=cand.reported_hit_tokens,
                 prefill_tokens_per_s=cand.load.prefill_tokens_per_s,
                 decode_step_s=cand.load.decode_step_s,

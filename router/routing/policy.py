@@ -5,6 +5,7 @@
 ``                      + (queue_over_factor - 1) * queue_weight * queued past queue_soft_limit)``
 ``     + decode_weight * requests resident there``
 ``     + kv_penalty * ((kv_usage - kv_soft_limit) / (1 - kv_soft_limit))^2  (above the limit)``
+``                  * uncached prompt tokens / prompt tokens  (kv_penalty_by_miss)``
 
 The first two terms are, up to a constant, the request's time to first token on that replica
 (prefill is serial, so our prefill waits behind the queued one). The miss weighs more than a
@@ -14,7 +15,10 @@ missed ones, so a hot prefix spreads to a second replica once its owner's queue 
 returns when the queue drains. "Uncached" counts the prefix the replica is predicted to still
 hold when the request is admitted (``PrefixIndex.surviving``), not just what it reported. The
 third term prices the decode work sharing every step with us and the conversations likely to
-return there. The fourth keeps requests away from a replica about to evict or preempt.
+return there. The fourth keeps requests away from a replica about to evict or preempt, in
+proportion to the new blocks the request would take there: a turn whose prompt the replica
+already holds (in blocks its running requests share) adds little to its KV pressure, and
+moving it to an empty replica would cost its whole prefill.
 
 ``rate_factor`` (``rate_aware``) turns the prefill terms from tokens into time: the candidates'
 median measured prefill rate over this replica's rate (clamped to ``1/rate_max_ratio`` ..
@@ -130,22 +134,42 @@ def _median(xs: Sequence[float]) -> float:
     return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
 
 
-def kv_term(kv_usage: float, config: RouterConfig) -> float:
+def kv_term(kv_usage: float, config: RouterConfig, new_share: float = 1.0) -> float:
+    """The KV term: quadratic past ``kv_soft_limit``, times ``new_share`` (the share of the
+    prompt that would take new blocks there) when ``kv_penalty_by_miss`` is on."""
     soft = config.kv_soft_limit
     if kv_usage <= soft or soft >= 1.0:
         return 0.0
     x = (kv_usage - soft) / (1.0 - soft)
-    return config.kv_penalty * min(x, 1.0) ** 2
+    scale = min(max(new_share, 0.0), 1.0) if config.kv_penalty_by_miss else 1.0
+    return config.kv_penalty * min(x, 1.0) ** 2 * scale
 
 
-def cost(
+@dataclass(frozen=True)
+class CostTerms:
+    """One candidate's cost, term by term (token equivalents)."""
+
+    miss: float
+    queue: float
+    decode: float
+    kv: float
+
+    @property
+    def total(self) -> float:
+        return self.miss + self.queue + self.decode + self.kv
+
+
+def cost_terms(
     num_prompt_tokens: int, cand: Candidate, config: RouterConfig, rate_factor: float = 1.0
-) -> float:
+) -> CostTerms:
+    """The cost of sending a prompt of ``num_prompt_tokens`` tokens to ``cand``."""
     miss = max(num_prompt_tokens - cand.hit_tokens, 0)
-    return (
-        rate_factor * (config.miss_weight * miss + queue_term(cand.load.queued_tokens, config))
-        + config.decode_weight * cand.load.resident
-        + kv_term(cand.load.kv_usage, config)
+    new_share = miss / num_prompt_tokens if num_prompt_tokens else 1.0
+    return CostTerms(
+        miss=rate_factor * config.miss_weight * miss,
+        queue=rate_factor * queue_term(cand.load.queued_tokens, config),
+        decode=config.decode_weight * cand.load.resident,
+        kv=kv_term(cand.load.kv_usage, config, new_share),
     )
 
 
@@ -162,22 +186,13 @@ def decide(
     costs: dict[Hashable, float] = {}
     hits: dict[Hashable, int] = {}
     loads: dict[Hashable, float] = {}
-    miss_weight = config.miss_weight
     factors = rate_factors(candidates, config)
     for c, factor in zip(candidates, factors, strict=True):
         # The guard and tie-breaks compare the linear load in tokens; the cost uses the queue
         # term, both prefill terms priced at the replica's rate.
         loads[c.replica] = load_term(c.load, config)
         hits[c.replica] = c.hit_tokens
-        costs[c.replica] = (
-            factor
-            * (
-                miss_weight * max(num_prompt_tokens - c.hit_tokens, 0)
-                + queue_term(c.load.queued_tokens, config)
-            )
-            + config.decode_weight * c.load.resident
-            + kv_term(c.load.kv_usage, config)
-        )
+        costs[c.replica] = cost_terms(num_prompt_tokens, c, config, factor).total
 
     order = sorted(costs, key=costs.__getitem__)
     best_cost = costs[order[0]]
