@@ -34,7 +34,9 @@ not acknowledge; the router's own requests count for ``pending_ttl_s``), ``ours_
 ``ours_eviction_cut`` and ``ours_issue15`` (both): issue #15's opt-in changes,
 ``queue_soft_limit`` 2048 and ``eviction_aware``; ``ours_no_rate`` (``rate_aware`` off: the
 prefill terms in tokens rather than at each replica's reported, measured prefill rate; every
-simulated replica has the same cost model, so the measured rates differ only by step mix).
+simulated replica has the same cost model, so the measured rates differ only by step mix);
+``ours_flat_kv`` (``kv_penalty_by_miss`` off: the whole KV penalty whatever share of the
+prompt the replica already holds).
 
 Writes ``bench/out/router_sim.json`` and ``bench/out/router_sim.png`` (TTFT p90 and prefix hit
 rate against request rate).
@@ -603,6 +605,8 @@ VARIANTS = {
     "ours_issue15": ({"queue_soft_limit": 2048.0, "eviction_aware": True}, 1, True),
     # Tokens, not seconds: the prefill terms not priced at each replica's measured rate.
     "ours_no_rate": ({"rate_aware": False}, 1, True),
+    # The flat KV penalty of earlier versions (not scaled by the prompt's uncached share).
+    "ours_flat_kv": ({"kv_penalty_by_miss": False}, 1, True),
 }
 """Ablations of ``ours``: RouterConfig overrides, number of routers, replicas acknowledge."""
 

@@ -15,11 +15,25 @@ arrivals and replica reports against the Ray-free core.
     prefill tokens/s against the other's ~170, so it was sent requests for holding fewer
     queued tokens while its queue was the longer one in seconds. ``rate_aware`` (on) prices
     each replica's prefill terms at the rate it reports (``prefill_tokens_per_s``).
+(d) A full replica is not full for a turn it already holds: at 0.2 sessions/s a
+    conversation's last turn (1,488 of its 1,625 tokens cached) found its replica at KV usage
+    1.0, paid the whole KV penalty (4,096) and went to the idle replica, where it prefilled all
+    1,625 tokens (6.7 s). ``kv_penalty_by_miss`` (on) scales the penalty by the share of the
+    prompt that would take new blocks.
 """
 
 from __future__ import annotations
 
-from router_testing import BS, FakeClock, FakeReplica, hashes, idle_load, make_core, prompt
+from router_testing import (
+    BS,
+    FakeClock,
+    FakeReplica,
+    hashes,
+    idle_load,
+    make_core,
+    prompt,
+    stored,
+)
 
 from kvmesh.replicas.kv.block_pool import BlockPool
 from kvmesh.router.routing import RouterConfig
@@ -313,3 +327,42 @@ def test_rates_reach_the_decision_log_and_replay():
     rec = DecisionRecord.from_json(rec.as_json())
     cands = {c.replica: c for c in candidates_of(rec, cfg)}
     assert cands["slow"].load.prefill_tokens_per_s == 130.0
+
+
+# ---- (d) the KV penalty for a turn whose blocks the replica already holds ---------------------
+LAST_TURN = prompt(5, 1488, suffix=31)
+"""The logged turn: 1,488 tokens of a conversation cached on "home", then its new part."""
+
+
+def _full_home(**overrides):
+    """As logged: "home" holds the conversation, runs 5 requests and has every block in use;
+    "idle" has nothing cached and nothing running."""
+    clock = FakeClock()
+    core = make_core(clock, **overrides)
+    home, idle = FakeReplica("home", clock), FakeReplica("idle", clock)
+    core.set_replicas(["home", "idle"])
+    home.load = idle_load(num_requests_running=5, kv_cache_usage=1.0)
+    core.apply_report("home", home.report(events=stored(hashes(LAST_TURN)[:-2])))
+    core.apply_report("idle", idle.report())
+    return core
+
+
+def test_cached_turn_stays_on_its_full_replica():
+    old = _route(_full_home(kv_penalty_by_miss=False), LAST_TURN)
+    assert old.best == "idle", old.costs  # the logged move: the flat 4,096 outweighs 2 x 1,508
+    new = _route(_full_home(), LAST_TURN)  # the default
+    assert new.best == "home" and new.reason == "cache_hit", new.costs
+    hit = new.hit_tokens["home"]
+    assert hit == len(LAST_TURN) - 2 * BS - (len(LAST_TURN) % BS)
+    share = (len(LAST_TURN) - hit) / len(LAST_TURN)
+    assert abs(new.costs["home"] - (2 * (len(LAST_TURN) - hit) + 24 * 5 + 4096 * share)) < 1e-6
+
+
+def test_a_cold_prompt_still_avoids_the_full_replica():
+    """Nothing of it cached anywhere: it needs as many new blocks on either replica, and the
+    full one pays the whole penalty, as before."""
+    cold = prompt(8, 1200)
+    for by_miss in (True, False):
+        d = _route(_full_home(kv_penalty_by_miss=by_miss), cold)
+        assert d.best == "idle", d.costs
+        assert d.costs["home"] - d.costs["idle"] == 24 * 5 + 4096
