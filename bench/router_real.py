@@ -72,14 +72,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvmesh.cluster import loadgen
 from kvmesh.cluster.app_config import AppConfig
+from kvmesh.replicas.engine_args import EngineArgs
 
 sys.path.insert(0, str(Path(__file__).parent))
 import router_peers
 from serve_bench import free_port
 
 OUT = Path(__file__).parent / "out"
-BLOCK = 16
-"""The replicas' KV block size (the engine default): the prefix cache's granularity."""
+BLOCK = EngineArgs.model_fields["block_size"].default
+"""The replicas' KV block size (the engine default, which the app config keeps): the prefix
+cache's granularity."""
 MODEL = "bench"
 PCAR = (
     "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:"
