@@ -72,6 +72,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvmesh.cluster import loadgen
 from kvmesh.cluster.app_config import AppConfig
+from kvmesh.cluster.serve_env import apply_serve_process_env
 from kvmesh.replicas.engine_args import EngineArgs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -423,6 +424,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # "local": its own cluster, never one a test or another run left on this machine.
+    apply_serve_process_env()  # as `kvmesh serve` starts its cluster
     ray.init(
         address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False
     )

@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvmesh.cluster import loadgen
 from kvmesh.cluster.app_config import AppConfig
 from kvmesh.cluster.serve_cmd import burst_threads_per_replica, threads_per_replica
+from kvmesh.cluster.serve_env import apply_serve_process_env
 
 OUT = Path(__file__).parent / "out"
 OVERHEAD = "kvmesh:serving_overhead_seconds"
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpus = os.cpu_count() or 2
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    apply_serve_process_env()  # as `kvmesh serve` starts its cluster
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs = []

@@ -310,6 +310,12 @@ class AppConfig(_Strict):
         "then loses only its model replicas, never the streams of the whole app.",
     )
     stats_push_period_s: float = Field(default=0.5, gt=0)
+    replica_transport: Literal["grpc", "object_ref"] = Field(
+        default="grpc",
+        description="How requests and their streamed tokens travel from the ingress to the "
+        "model replicas: Serve's direct gRPC channel between replicas (grpc), or Ray actor "
+        "calls with a Ray object per chunk (object_ref, Serve's default).",
+    )
     debug_hooks: bool = Field(
         default=False,
         description="Test-only: a request header can make its replica exit mid-stream.",
@@ -354,6 +360,7 @@ class AppConfig(_Strict):
             "response_cache_bytes": self.response_cache.max_bytes,
             "max_pending_requests": {m.name: m.max_pending_requests for m in self.models},
             "limits": self.limits.model_dump(),
+            "replica_transport": self.replica_transport,
             "debug_hooks": self.debug_hooks,
             "app_name": self.name,
         }

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel
 
 from kvmesh.cluster.app_config import AppConfig, load_config
+from kvmesh.cluster.serve_env import apply_serve_process_env
 from kvmesh.router import autoscaler_reports
 
 READY_POLL_S = 0.5
@@ -259,6 +260,7 @@ def run_serve(config: AppConfig, ready_timeout_s: float | None = None) -> int:
     else:
         # "local": a new cluster, never one a `ray start` left running on this machine (its
         # Serve would be shut down with ours).
+        apply_serve_process_env()
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     stop = False
 

@@ -35,7 +35,7 @@ from kvmesh.router.limits import RequestLimits, check_prompt_tokens, read_body
 from kvmesh.router.metrics import IngressMetrics, merge_expositions
 from kvmesh.router.model_table import ModelTable
 from kvmesh.router.protocol import ChatCompletionRequest, CompletionRequest
-from kvmesh.router.replica_client import ReplicaStream, open_stream
+from kvmesh.router.replica_client import ReplicaStream, ReplicaTransport, open_stream
 from kvmesh.router.response_cache import Generation, ResponseCache, cache_key
 from kvmesh.router.routing import metrics as router_metrics
 from kvmesh.router.streams import CachedStream, GenerationBuilder, TokenSource, merge
@@ -65,6 +65,7 @@ class IngressConfig(BaseModel):
     """Each model's per-replica engine queue (a cap on prompts per request)."""
     limits: RequestLimits = Field(default_factory=RequestLimits)
     replica_retries: int = Field(default=4, ge=0)
+    replica_transport: ReplicaTransport = "grpc"
     debug_hooks: bool = False
     app_name: str = ""
     """The Serve app (autoscaler reports are kept per app and model)."""
@@ -202,6 +203,7 @@ class Ingress:
                 req,
                 retries=self.config.replica_retries,
                 retry_after_s=self.limits.retry_after_s,
+                transport=self.config.replica_transport,
             )
             self.observe_admission(target, arrival, t_call, stream.admitted)
             return stream

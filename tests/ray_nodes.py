@@ -24,6 +24,8 @@ from pathlib import Path
 import httpx
 from kvmesh_testing import free_port
 
+from kvmesh.cluster.serve_env import SERVE_PROCESS_ENV
+
 BIN = Path(sys.executable).parent
 NODE_MEMORY = 3 * 1024**3
 OBJECT_STORE = 200 * 1024**2
@@ -48,6 +50,7 @@ class RayNodes:
         """The environment of a process that talks to this cluster."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+        env.update(SERVE_PROCESS_ENV)  # as the `ray up` configs and KubeRay manifests start nodes
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
         return env
 

@@ -36,6 +36,8 @@ import jsonschema
 import pytest
 import yaml
 
+from kvmesh.cluster.serve_env import SERVE_PROCESS_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 SCHEMA_FILE = Path(__file__).parent / "data" / "kuberay" / "rayservice-v1.schema.json"
@@ -450,6 +452,8 @@ def test_cluster_fits_the_app(example):
             "key": "api-keys",
         }
         assert "value" not in env["KVMESH_API_KEYS"]
+        for name, value in SERVE_PROCESS_ENV.items():  # as `kvmesh serve` starts Ray
+            assert env[name]["value"] == value, (group, name)
         cache_dir = env["KVMESH_CACHE"]["value"]
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         volumes = {v["name"] for v in pod["volumes"]}

@@ -34,6 +34,8 @@ import pytest
 import yaml
 from kvmesh_testing import free_port
 
+from kvmesh.cluster.serve_env import SERVE_PROCESS_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "cluster" / "launch"
 CONFIGS = sorted(LAUNCH.glob("*.yaml"))
@@ -64,6 +66,10 @@ def test_config_passes_rays_validation(path):
     assert config["setup_commands"] == ["bash ~/kvmesh/cluster/launch/install-node.sh"]
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert any("--metrics-export-port=8080" in c for c in config[key]), key
+        # Serve's process settings, as `kvmesh serve` starts its own cluster.
+        starts = [c for c in config[key] if "ray start" in c]
+        for name, value in SERVE_PROCESS_ENV.items():
+            assert starts and all(f"{name}={value} ray start" in c for c in starts), key
     assert ".venv" in config["rsync_exclude"]
 
 

@@ -120,11 +120,13 @@ def serve_app(tiny_chat_models, tmp_path_factory) -> Iterator[ServeApp]:
 
     from kvmesh.cluster.app import build_app
     from kvmesh.cluster.app_config import AppConfig
+    from kvmesh.cluster.serve_env import apply_serve_process_env
 
     port = free_port()
     decision_log = tmp_path_factory.mktemp("decisions") / "tiny.jsonl"
     config = app_config(*tiny_chat_models, port, decision_log)
     app_cfg = AppConfig.model_validate(config)
+    apply_serve_process_env()  # as `kvmesh serve` starts its cluster
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
