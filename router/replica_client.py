@@ -34,8 +34,8 @@ ReplicaTransport = Literal["grpc", "object_ref"]
 """How a request and its chunks travel between the ingress and a replica. ``grpc``: Serve's
 direct gRPC channel between replicas, by value, plain pickle; ``object_ref``: Ray actor calls
 whose every chunk is a Ray object (Serve's default). On 2 cores, gRPC took HTTP -> engine
-from ~10.5 to ~7.9 ms, token -> SSE from 3.0 to 1.5 ms, and raised concurrency-16 output
-throughput by 8-30 % (``bench/RESULTS.md``)."""
+from ~10.5 to 7-8 ms and token -> SSE from 3.0 to ~1.4 ms p50, and concurrency-16 output
+throughput from 95-102 to 110-136 tokens/s (``bench/RESULTS.md``)."""
 
 
 def stream_options(transport: ReplicaTransport) -> dict[str, Any]:
