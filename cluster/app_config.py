@@ -19,6 +19,7 @@ from kvmesh.replicas.engine_args import EngineArgs
 from kvmesh.replicas.step_threads import BURST_THREADS_HELP, DEFAULT_BURST_MIN_TOKENS
 from kvmesh.router.auth import check_api_key
 from kvmesh.router.limits import RequestLimits
+from kvmesh.router.replica_client import ReplicaTransport
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 ROUTERS = {
@@ -310,7 +311,7 @@ class AppConfig(_Strict):
         "then loses only its model replicas, never the streams of the whole app.",
     )
     stats_push_period_s: float = Field(default=0.5, gt=0)
-    replica_transport: Literal["grpc", "object_ref"] = Field(
+    replica_transport: ReplicaTransport = Field(
         default="grpc",
         description="How requests and their streamed tokens travel from the ingress to the "
         "model replicas: Serve's direct gRPC channel between replicas (grpc), or Ray actor "

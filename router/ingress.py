@@ -35,7 +35,12 @@ from kvmesh.router.limits import RequestLimits, check_prompt_tokens, read_body
 from kvmesh.router.metrics import IngressMetrics, merge_expositions
 from kvmesh.router.model_table import ModelTable
 from kvmesh.router.protocol import ChatCompletionRequest, CompletionRequest
-from kvmesh.router.replica_client import ReplicaStream, ReplicaTransport, open_stream
+from kvmesh.router.replica_client import (
+    ReplicaStream,
+    ReplicaTransport,
+    open_stream,
+    stream_options,
+)
 from kvmesh.router.response_cache import Generation, ResponseCache, cache_key
 from kvmesh.router.routing import metrics as router_metrics
 from kvmesh.router.streams import CachedStream, GenerationBuilder, TokenSource, merge
@@ -83,7 +88,9 @@ class Ingress:
             name: load_model_info(name, args) for name, args in self.config.models.items()
         }
         self.table = ModelTable(list(self.config.models), self.config.aliases)
-        self.handles = models
+        # Each model's handle, set up once for streamed calls over the configured transport.
+        options = stream_options(self.config.replica_transport)
+        self.handles = {name: handle.options(**options) for name, handle in models.items()}
         self.hub = stats_hub
         self.auth = APIKeyAuth(
             [*self.config.api_keys, *keys_from_env(), *keys_from_file(self.config.api_keys_file)]
@@ -203,7 +210,6 @@ class Ingress:
                 req,
                 retries=self.config.replica_retries,
                 retry_after_s=self.limits.retry_after_s,
-                transport=self.config.replica_transport,
             )
             self.observe_admission(target, arrival, t_call, stream.admitted)
             return stream

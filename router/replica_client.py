@@ -144,14 +144,10 @@ class ReplicaStream:
 
 
 async def open_stream(
-    handle: Any,
-    req: ReplicaRequest,
-    *,
-    retries: int = 4,
-    retry_after_s: int = 1,
-    transport: ReplicaTransport = "grpc",
+    handle: Any, req: ReplicaRequest, *, retries: int = 4, retry_after_s: int = 1
 ) -> ReplicaStream:
-    """Send ``req`` to a replica of ``handle`` and wait until one admits it.
+    """Send ``req`` to a replica of ``handle`` (set up with ``stream_options``) and wait until
+    one admits it.
 
     A replica that is gone, shutting down or whose engine died is retried with backoff
     (0.1, 0.3, 0.9, 2.7 s): long enough together for Serve's health check to take a broken
@@ -160,7 +156,6 @@ async def open_stream(
     """
     delay, last = 0.1, "no attempt"
     t_open = time.monotonic()
-    handle = handle.options(**stream_options(transport))
     for attempt in range(retries + 1):
         gen = handle.generate.remote(req)
         try:
