@@ -16,6 +16,7 @@ from kvmesh.kernels.cpu_linear import (
     packing_enabled,
     packing_supported,
 )
+from kvmesh.kernels.cpu_native import cpu_amx_bf16
 from kvmesh.kernels.metadata import AttentionMetadata, KVCacheLayer
 
 
@@ -55,12 +56,14 @@ rms_norm = _BACKEND.rms_norm
 rotary_embedding = _BACKEND.rotary_embedding
 silu_and_mul = _BACKEND.silu_and_mul
 reshape_and_cache = _BACKEND.reshape_and_cache
+rotary_and_cache = _BACKEND.rotary_and_cache
 paged_attention = _BACKEND.paged_attention
 
 __all__ = [
     "AttentionMetadata",
     "KVCacheLayer",
     "PackableLinear",
+    "cpu_amx_bf16",
     "kernel_backend",
     "pack_linear_weight",
     "packed_linear",
@@ -69,6 +72,7 @@ __all__ = [
     "paged_attention",
     "reshape_and_cache",
     "rms_norm",
+    "rotary_and_cache",
     "rotary_embedding",
     "silu_and_mul",
 ]

@@ -1,4 +1,4 @@
-"""The Triton backend: the five hot-path ops, with the torch twins' exact signatures.
+"""The Triton backend: the hot-path ops, with the torch twins' exact signatures.
 
 ``kvmesh.kernels`` imports this module when the backend is Triton; each op lives in a small
 module of its own (``triton_norm_rope``, ``triton_cache``, ``triton_attention_*``).
@@ -18,9 +18,25 @@ __all__ = [
     "paged_attention",
     "reshape_and_cache",
     "rms_norm",
+    "rotary_and_cache",
     "rotary_embedding",
     "silu_and_mul",
 ]
+
+
+def rotary_and_cache(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    cache: KVCacheLayer,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """RoPE on ``q`` and ``k`` in place, then ``k`` and ``v`` into the cache; returns ``q``."""
+    rotary_embedding(positions, q, k, cos_sin_cache)
+    reshape_and_cache(k, v, cache, slot_mapping)
+    return q
 
 
 def paged_attention(

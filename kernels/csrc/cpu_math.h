@@ -98,6 +98,49 @@ inline vec16 load16(const uint16_t* p) {
   return v;
 }
 
+// 16 floats narrowed to bfloat16 as float_to_bf16 rounds (nearest even; a NaN stays a NaN,
+// with the instruction's own NaN bits): one instruction with AVX512-BF16, else integer vectors.
+inline void store16(uint16_t* p, vec16 v) {
+#if defined(__AVX512BF16__)
+  __m512 f;
+  std::memcpy(&f, &v, sizeof f);
+  const __m256bh h = _mm512_cvtneps_pbh(f);
+  std::memcpy(p, &h, sizeof h);
+#else
+  typedef uint32_t u32x16 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+  typedef uint16_t u16x16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+  u32x16 u;
+  std::memcpy(&u, &v, sizeof u);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  u = v != v ? 0x7FC0u : u;
+  const u16x16 h = __builtin_convertvector(u, u16x16);
+  std::memcpy(p, &h, sizeof h);
+#endif
+}
+
+// exp2_nonpos on 16 lanes: the same arithmetic, lane by lane (so the same values).
+inline vec16 exp2_nonpos16(vec16 x) {
+  typedef int32_t i32x16 __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  const vec16 xc = x < -126.f ? vec16{} - 126.f : x;
+  const vec16 shifted = xc + 12582912.f;
+  const vec16 n = shifted - 12582912.f;
+  const vec16 f = xc - n;
+  vec16 p = vec16{} + 1.5252733804059841e-05f;
+  p = p * f + 1.5403530393381610e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.6181291076284772e-03f;
+  p = p * f + 5.5504108664821580e-02f;
+  p = p * f + 2.4022650695910071e-01f;
+  p = p * f + 6.9314718055994531e-01f;
+  p = p * f + 1.f;
+  i32x16 bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  const i32x16 exponent = (bits - 0x4B400000 + 127) << 23;
+  vec16 two_n;
+  std::memcpy(&two_n, &exponent, sizeof two_n);
+  return x < -126.f ? vec16{} : p * two_n;
+}
+
 // n bfloat16 widened to float32 at dst.
 inline void widen_bf16(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
   int64_t i = 0;

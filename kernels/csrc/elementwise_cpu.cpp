@@ -61,6 +61,24 @@ inline float as_stored(float v) {
   return v;
 }
 
+// sigmoid on 16 lanes, as the scalar one computes it.
+inline vec16 sigmoid16(vec16 g) {
+  const vec16 neg_abs = g < 0.f ? g : -g;
+  const vec16 e = exp2_nonpos16(neg_abs * kLog2e);
+  const vec16 inv = 1.f / (1.f + e);
+  return g >= 0.f ? inv : e * inv;
+}
+
+template <class E>
+inline vec16 as_stored16(vec16 v) {
+  if constexpr (std::is_same_v<E, uint16_t>) {
+    uint16_t h[kLanes];
+    store16(h, v);
+    return load16(h);
+  }
+  return v;
+}
+
 template <class E>
 void silu_and_mul_rows(const E* xp, E* op, int64_t T, int64_t I, int64_t xs) {
   at::parallel_for(0, T, grain(2 * I), [&](int64_t t0, int64_t t1) {
@@ -68,8 +86,13 @@ void silu_and_mul_rows(const E* xp, E* op, int64_t T, int64_t I, int64_t xs) {
       const E* g = xp + t * xs;
       const E* u = g + I;
       E* o = op + t * I;
-#pragma omp simd
-      for (int64_t i = 0; i < I; ++i) {
+      int64_t i = 0;
+      // Explicit vectors: the compiler did not vectorise the scalar loop below for bfloat16.
+      for (; i + kLanes <= I; i += kLanes) {
+        const vec16 gf = load16(g + i);
+        store16(o + i, as_stored16<E>(gf * sigmoid16(gf)) * load16(u + i));
+      }
+      for (; i < I; ++i) {
         const float gf = load_elem(g[i]);
         store_elem(o[i], as_stored<E>(gf * sigmoid(gf)) * load_elem(u[i]));
       }
@@ -94,28 +117,41 @@ void rms_norm_bf16(const torch::Tensor& x, const std::optional<torch::Tensor>& r
     for (int64_t t = t0; t < t1; ++t) {
       const uint16_t* xr = xp + t * xs;
       float* v = row.data();
+      // Explicit vectors for the bulk: the compiler did not vectorise bfloat16 rounding.
+      vec16 acc16 = {};
       float acc = 0.f;
+      int64_t body = H / kLanes * kLanes;
       if (add) {
         const uint16_t* rr = rp + t * rs;
         uint16_t* sr = sp + t * H;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < H; ++i) {
+        for (int64_t i = 0; i < body; i += kLanes) {
+          store16(sr + i, load16(xr + i) + load16(rr + i));
+          const vec16 s = load16(sr + i);
+          store16(v + i, s);
+          acc16 += s * s;
+        }
+        for (int64_t i = body; i < H; ++i) {
           const uint16_t b = float_to_bf16(bf16_to_float(xr[i]) + bf16_to_float(rr[i]));
           sr[i] = b;
           v[i] = bf16_to_float(b);
           acc += v[i] * v[i];
         }
       } else {
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < H; ++i) {
+        for (int64_t i = 0; i < body; i += kLanes) {
+          const vec16 s = load16(xr + i);
+          store16(v + i, s);
+          acc16 += s * s;
+        }
+        for (int64_t i = body; i < H; ++i) {
           v[i] = bf16_to_float(xr[i]);
           acc += v[i] * v[i];
         }
       }
-      const float r = 1.f / std::sqrt(acc * inv_h + feps);
+      const float r = 1.f / std::sqrt((hsum(acc16) + acc) * inv_h + feps);
       uint16_t* orow = op + t * H;
-#pragma omp simd
-      for (int64_t i = 0; i < H; ++i)
+      for (int64_t i = 0; i < body; i += kLanes)
+        store16(orow + i, load16(wp + i) * as_stored16<uint16_t>(load16(v + i) * r));
+      for (int64_t i = body; i < H; ++i)
         orow[i] = float_to_bf16(bf16_to_float(wp[i]) * round_bf16(v[i] * r));
     }
   });
@@ -235,6 +271,112 @@ void rotary_embedding(const torch::Tensor& positions, const torch::Tensor& q,
       }
     }
   });
+}
+
+namespace {
+
+// One head row: rotated (NeoX halves) into `qo` (float32) or, for k, rounded into the cache row.
+template <class E, class C>
+inline void rotate_row(const E* x, C* dst, const float* cos, const float* sin, int64_t half) {
+  int64_t i = 0;
+  for (; i + kLanes <= half; i += kLanes) {
+    const vec16 a = load16(x + i), b = load16(x + i + half);
+    const vec16 c = load16(cos + i), s = load16(sin + i);
+    store16(dst + i, a * c - b * s);
+    store16(dst + i + half, b * c + a * s);
+  }
+  for (; i < half; ++i) {
+    const float a = load_elem(x[i]), b = load_elem(x[i + half]);
+    store_elem(dst[i], a * cos[i] - b * sin[i]);
+    store_elem(dst[i + half], b * cos[i] + a * sin[i]);
+  }
+}
+
+template <class E, class C>
+void rotary_and_cache_t(const int64_t* pos, const int64_t* slots, const E* qp, const E* kp,
+                        const E* vp, int64_t qs, int64_t ks, int64_t vs, int64_t T, int64_t H,
+                        int64_t KVH, int64_t D, const float* cs, float* qo, C* kc, C* vc) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, T, grain((H + 2 * KVH) * D), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* cos = cs + pos[t] * D;
+      const float* sin = cos + half;
+      for (int64_t h = 0; h < H; ++h)
+        rotate_row(qp + t * qs + h * D, qo + (t * H + h) * D, cos, sin, half);
+      if (slots[t] < 0) continue;
+      C* krow = kc + slots[t] * KVH * D;
+      C* vrow = vc + slots[t] * KVH * D;
+      for (int64_t h = 0; h < KVH; ++h) rotate_row(kp + t * ks + h * D, krow + h * D, cos, sin, half);
+      const E* vr = vp + t * vs;
+      if constexpr (std::is_same_v<E, C>) {
+        std::memcpy(vrow, vr, KVH * D * sizeof(E));
+      } else {
+        for (int64_t i = 0; i < KVH * D; ++i) store_elem(vrow[i], load_elem(vr[i]));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor rotary_and_cache(const torch::Tensor& positions, const torch::Tensor& q,
+                               const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& cos_sin, torch::Tensor& k_cache,
+                               torch::Tensor& v_cache, const torch::Tensor& slot_mapping) {
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.dim() == 1 &&
+                  positions.is_contiguous() && slot_mapping.scalar_type() == torch::kInt64 &&
+                  slot_mapping.is_contiguous() && slot_mapping.sizes() == positions.sizes(),
+              "rotary_and_cache: positions and slot_mapping must be int64 [T], contiguous");
+  TORCH_CHECK(cos_sin.scalar_type() == torch::kFloat32 && cos_sin.dim() == 2 &&
+                  cos_sin.is_contiguous(),
+              "rotary_and_cache: cos_sin must be float32 [P, D], contiguous");
+  const int64_t T = positions.size(0), D = cos_sin.size(1);
+  for (const torch::Tensor* x : {&q, &k, &v}) {
+    TORCH_CHECK(x->scalar_type() == q.scalar_type() &&
+                    (q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16) &&
+                    x->dim() == 3 && x->size(0) == T && x->size(2) == D && x->stride(2) == 1 &&
+                    x->stride(1) == D,
+                "rotary_and_cache: q, k, v must be [T, heads, D] of one dtype (float32 or "
+                "bfloat16) with dense heads");
+  }
+  TORCH_CHECK(D % 2 == 0 && k.size(1) == v.size(1), "rotary_and_cache: head shapes do not match");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.scalar_type() == k_cache.scalar_type() &&
+                  (k_cache.scalar_type() == torch::kFloat32 ||
+                   k_cache.scalar_type() == torch::kBFloat16) &&
+                  k_cache.size(2) == k.size(1) && k_cache.size(3) == D,
+              "rotary_and_cache: caches [NB, BS, KVH, D], contiguous, both float32 or bfloat16");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t P = cos_sin.size(0), num_slots = k_cache.size(0) * k_cache.size(1);
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < P, "rotary_and_cache: position ", pos[t],
+                " is outside the table of ", P);
+    TORCH_CHECK(slots[t] < num_slots, "rotary_and_cache: slot ", slots[t],
+                " is outside the cache of ", num_slots);
+  }
+  const int64_t H = q.size(1), KVH = k.size(1);
+  torch::Tensor qo = torch::empty({T, H, D}, q.options().dtype(torch::kFloat32));
+  const float* cs = cos_sin.data_ptr<float>();
+  auto run = [&](auto* qp, auto* kp, auto* vp, auto* kc, auto* vc) {
+    rotary_and_cache_t(pos, slots, qp, kp, vp, q.stride(0), k.stride(0), v.stride(0), T, H, KVH,
+                       D, cs, qo.data_ptr<float>(), kc, vc);
+  };
+  const bool bf16_in = q.scalar_type() == torch::kBFloat16;
+  const bool bf16_cache = k_cache.scalar_type() == torch::kBFloat16;
+  if (bf16_in && bf16_cache)
+    run(bf16_data(q), bf16_data(k), bf16_data(v), bf16_data_mut(k_cache), bf16_data_mut(v_cache));
+  else if (bf16_in)
+    run(bf16_data(q), bf16_data(k), bf16_data(v), k_cache.data_ptr<float>(),
+        v_cache.data_ptr<float>());
+  else if (bf16_cache)
+    run(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bf16_data_mut(k_cache),
+        bf16_data_mut(v_cache));
+  else
+    run(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), k_cache.data_ptr<float>(),
+        v_cache.data_ptr<float>());
+  return qo;
 }
 
 torch::Tensor argmax_rows(const torch::Tensor& x) {

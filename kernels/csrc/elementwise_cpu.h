@@ -34,6 +34,18 @@ torch::Tensor silu_and_mul(const torch::Tensor& x);
 void rotary_embedding(const torch::Tensor& positions, const torch::Tensor& q,
                       const torch::Tensor& k, const torch::Tensor& cos_sin);
 
+// The attention layer's step between the qkv projection and attention, in one pass per token:
+// reads q, k, v [T, heads, D] (float32 or bfloat16, tokens strided: views into the fused qkv
+// output; heads dense), rotates q and k as rotary_embedding does (in float32), returns the
+// rotated q as a new float32 [T, H, D] and writes the rotated k and v into the paged caches
+// [NB, BS, KVH, D] (float32 or bfloat16, rounded to it) at slot_mapping [T] (int64; -1 skips
+// the token, as padding). Same values as widening q, k, v to float32, rotary_embedding and a
+// copy into the cache one after the other.
+torch::Tensor rotary_and_cache(const torch::Tensor& positions, const torch::Tensor& q,
+                               const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& cos_sin, torch::Tensor& k_cache,
+                               torch::Tensor& v_cache, const torch::Tensor& slot_mapping);
+
 // Index of each row's first maximum, as torch's argmax(dim=-1), for finite float32 x [B, V]
 // with dense rows -> int64 [B]: one vectorised pass per row (torch's CPU argmax is a scalar
 // loop), rows split across threads.

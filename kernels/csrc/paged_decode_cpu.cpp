@@ -295,5 +295,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &kvmesh::rms_norm, "RMSNorm of x + residual, and the sum (float32)");
   m.def("silu_and_mul", &kvmesh::silu_and_mul, "silu(gate) * up of the fused projection");
   m.def("rotary_embedding", &kvmesh::rotary_embedding, "NeoX rotary embedding of q, k in place");
+  m.def("rotary_and_cache", &kvmesh::rotary_and_cache,
+        "RoPE of q and k, q returned as float32, k and v written into the paged caches");
   m.def("argmax_rows", &kvmesh::argmax_rows, "first maximum of each row of a float32 [B, V]");
 }

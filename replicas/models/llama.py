@@ -65,12 +65,11 @@ class Attention(nn.Module):
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        if not cache.quantized and q.device.type == "cpu" and q.dtype != torch.float32:
-            # A 16-bit model on a CPU: RoPE and attention run in float32 (the CPU kernels'
-            # arithmetic); the cache stores K and V in its own dtype (``kv_storage_dtype``).
-            q, k, v = q.float(), k.float(), v.float()
-        kernels.rotary_embedding(positions, q, k, self.cos_sin_cache)
-        kernels.reshape_and_cache(k, v, cache, meta.slot_mapping)
+        # A 16-bit model on a CPU gets float32 queries back (RoPE and attention run in float32
+        # there); the cache stores K and V in its own dtype (``kv_storage_dtype``).
+        q = kernels.rotary_and_cache(
+            positions, q, k, v, self.cos_sin_cache, cache, meta.slot_mapping
+        )
         out = kernels.paged_attention(q, cache, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(-1, self.q_size).to(x.dtype))
 
