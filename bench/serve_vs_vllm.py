@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/serve_vs_vllm.py [--vllm-python /work/peers/vllm-venv/bin/python]
     .venv/bin/python bench/serve_vs_vllm.py --servers kvmesh,kvmesh:float32:2,vllm
+    .venv/bin/python bench/serve_vs_vllm.py --servers kvmesh,vllm:bfloat16,kvmesh:float32:1,vllm
 
 Each server runs alone, one after the other (they would share the two cores): kvmesh as
 ``kvmesh serve --replicas 1`` with nothing else set (``kvmesh``), or with a config that sets
 the dtype and engine threads (``kvmesh:<dtype>:<threads>``, to find the best split; a
 ``:<burst threads>[:<min tokens>]`` suffix runs steps of that many tokens on more threads); vLLM's
-CPU build on the same model in float32 with both cores bound to it
-(``VLLM_CPU_OMP_THREADS_BIND=0-<n-1>``, no reserved core).
+CPU build on the same model in float32 (``vllm``) or bfloat16 (``vllm:bfloat16``: on CPUs
+with AMX-BF16 or AVX512-BF16 kvmesh's default dtype is bfloat16 too), with both cores bound
+to it (``VLLM_CPU_OMP_THREADS_BIND=0-<n-1>``, no reserved core).
 The load is ``kvmesh bench serve``'s generator (``cluster/loadgen.py``): streamed completions of
 ``--input-len`` random token ids, ``--output-len`` tokens forced with ``ignore_eos``, at each
 concurrency in ``--concurrency`` (default 1 and 16), after two warm-up requests.
@@ -119,16 +121,17 @@ def main() -> None:
         elif name.startswith("kvmesh:"):
             config = kvmesh_config(workdir, name)
             server = h.kvmesh_server(port, workdir, replicas=None, config=config)
-        elif name == "vllm":
+        elif name in ("vllm", "vllm:float32", "vllm:bfloat16"):
+            dtype = name.partition(":")[2] or "float32"
             server = h.vllm_server(
-                args.vllm_python, h.kvmesh_model_dir(), port, workdir, h.KVMESH_MODEL
+                args.vllm_python, h.kvmesh_model_dir(), port, workdir, h.KVMESH_MODEL, dtype
             )
             assert server.env is not None
             server.env.update(
                 VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_OMP_THREADS_BIND=f"0-{cores - 1}"
             )
         else:
-            raise SystemExit(f"unknown server {name!r}: kvmesh or vllm")
+            raise SystemExit(f"unknown server {name!r}: kvmesh[:...] or vllm[:float32|bfloat16]")
         started = time.perf_counter()
         try:
             results[name] = run_server(server, args)
@@ -145,13 +148,14 @@ def main() -> None:
         },
         "results": results,
     }
-    theirs = results.get("vllm")
-    if isinstance(theirs, list):
-        report["over_vllm"] = {
-            name: ratios(ours, theirs)
-            for name, ours in results.items()
-            if name != "vllm" and isinstance(ours, list)
-        }
+    for peer in ("vllm", "vllm:bfloat16"):
+        theirs = results.get(peer)
+        if isinstance(theirs, list):
+            report[f"over_{peer.replace(':', '_')}"] = {
+                name: ratios(ours, theirs)
+                for name, ours in results.items()
+                if name.startswith("kvmesh") and isinstance(ours, list)
+            }
     print(json.dumps(report, indent=2))
 
 

@@ -224,7 +224,9 @@ def vllm_scratch_env(scratch: Path) -> dict[str, str]:
     return env
 
 
-def vllm_server(python: str, model_dir: str, port: int, workdir: Path, name: str) -> Server:
+def vllm_server(
+    python: str, model_dir: str, port: int, workdir: Path, name: str, dtype: str = "float32"
+) -> Server:
     """vLLM's OpenAI server (CPU build) from its own venv, every cache in ``workdir``."""
     scratch = workdir / "vllm-scratch"
     env = dict(os.environ)
@@ -243,7 +245,7 @@ def vllm_server(python: str, model_dir: str, port: int, workdir: Path, name: str
         "--model",
         model_dir,
         "--dtype",
-        "float32",
+        dtype,
         "--host",
         "127.0.0.1",
         "--port",

@@ -16,7 +16,6 @@ from kvmesh.kernels.cpu_linear import (
     packing_enabled,
     packing_supported,
 )
-from kvmesh.kernels.cpu_native import cpu_amx_bf16
 from kvmesh.kernels.metadata import AttentionMetadata, KVCacheLayer
 
 
@@ -63,7 +62,6 @@ __all__ = [
     "AttentionMetadata",
     "KVCacheLayer",
     "PackableLinear",
-    "cpu_amx_bf16",
     "kernel_backend",
     "pack_linear_weight",
     "packed_linear",

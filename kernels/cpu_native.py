@@ -82,13 +82,6 @@ def cpu_flags() -> str:
     return platform.processor()
 
 
-@cache
-def cpu_amx_bf16() -> bool:
-    """Whether this CPU has AMX tiles for bfloat16 (Intel Sapphire Rapids and later); read
-    once per process, as the hot path asks."""
-    return "amx_bf16" in cpu_flags().split()
-
-
 def source_files() -> list[Path]:
     """``SOURCE`` and every other source or header next to the kernels, in a stable order.
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvmesh.kernels.cpu_native import cpu_amx_bf16
 from kvmesh.kernels.metadata import AttentionMetadata, KVCacheLayer
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -262,16 +261,12 @@ def _plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> dic
     return plan
 
 
-def _native_plan(meta: AttentionMetadata, fresh_via_sdpa: bool = False) -> dict:
+def _native_plan(meta: AttentionMetadata) -> dict:
     """The C++ kernels' view of this step, built once and shared by every layer: for the
-    decode rows and for the longer chunks, int32 block tables, lengths and query rows.
-
-    With ``fresh_via_sdpa`` the chunks that are a whole prompt (nothing cached before them)
-    are listed apart, under ``"fresh"``, for ``_fresh_prompts_sdpa``."""
-    key = "cpu_native_sdpa" if fresh_via_sdpa else "cpu_native"
-    if key in meta.plan:
-        return meta.plan[key]
-    qlens, slens = meta.query_lens_cpu, meta.seq_lens_cpu
+    decode rows and for the longer chunks, int32 block tables, lengths and query rows."""
+    if "cpu_native" in meta.plan:
+        return meta.plan["cpu_native"]
+    qlens = meta.query_lens_cpu
     starts = _cumsum(qlens)
 
     def rows(ids: list[int]) -> dict | None:
@@ -285,13 +280,11 @@ def _native_plan(meta: AttentionMetadata, fresh_via_sdpa: bool = False) -> dict:
             "qlens": torch.tensor([qlens[i] for i in ids], dtype=torch.int32),
         }
 
-    fresh = [i for i, n in enumerate(qlens) if n > 1 and slens[i] == n] if fresh_via_sdpa else []
     plan = {
         "decode": rows([i for i, n in enumerate(qlens) if n == 1]),
-        "extend": rows([i for i, n in enumerate(qlens) if n > 1 and i not in fresh]),
-        "fresh": [(starts[i], qlens[i], meta.block_tables[i]) for i in fresh],
+        "extend": rows([i for i, n in enumerate(qlens) if n > 1]),
     }
-    meta.plan[key] = plan
+    meta.plan["cpu_native"] = plan
     return plan
 
 
@@ -335,8 +328,7 @@ def paged_attention(
     """
     native = _native_ops(q, cache)
     if native is not None:
-        via_sdpa = sdpa_for_fresh_prompts(cache.k.dtype) and (sliding_window or 0) == 0
-        plan = _native_plan(meta, via_sdpa)
+        plan = _native_plan(meta)
         # The kernels read q through its row stride (it may be a view into the fused qkv
         # projection) and write every row of `out` exactly once: decodes, then chunks.
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -366,8 +358,6 @@ def paged_attention(
                 scale,
                 window,
             )
-        for start, n, table in plan["fresh"]:
-            _fresh_prompt_sdpa(q, cache, start, n, table, scale, out)
         return out
     plan = _plan(meta, cache.k.shape[1], q.device)
     out = torch.empty_like(q)
@@ -399,47 +389,6 @@ def paged_attention(
         out[start : start + n] = oi[0].transpose(0, 1)
     return out
 
-
-def sdpa_for_fresh_prompts(cache_dtype: torch.dtype) -> bool:
-    """Whether a bfloat16 model attends a whole new prompt through torch's flash attention.
-
-    On a CPU with AMX-BF16, torch's bfloat16 flash attention multiplies with AMX tiles: a
-    512-token causal prompt (9 query heads, 3 kv heads, head dim 64, 2 threads) took 1.06 ms
-    there against 3.0 ms in the C++ extend kernel, whose arithmetic is float32 vectors. The
-    queries are rounded to bfloat16 for it (K and V already are, in the cache), which a
-    bfloat16 model's tokens tolerate as they do its bfloat16 linear layers. Without AMX the
-    kernel keeps the work: torch's bfloat16 path is then no faster."""
-    return USE_SDPA_FOR_FRESH_PROMPTS and cache_dtype == torch.bfloat16 and cpu_amx_bf16()
-
-
-FRESH_PROMPT_PAD = 32
-"""Fresh prompts go to SDPA padded to a multiple of this many tokens. Torch's bfloat16 flash
-kernel builds its AMX micro-kernels per shape, so ragged prompt lengths kept it building: 64
-prompts of U[32, 512] tokens ran at ~80 GFLOP/s unpadded, ~200 padded to 32 (2 threads)."""
-
-
-def _fresh_prompt_sdpa(q, cache: KVCacheLayer, start, n, table, scale, out) -> None:
-    """Causal attention of a chunk that is its sequence's whole context (rows ``start`` to
-    ``start + n`` of ``q``), its K/V read back from the cache's blocks, into ``out``.
-
-    Padding rows go at the end: causally no real query sees them, and their outputs are
-    dropped."""
-    block_size = cache.k.shape[1]
-    blocks = table[: -(-n // block_size)]
-    kv_shape = (-1, *cache.k.shape[2:])
-    pad = (0, 0, 0, 0, 0, -n % FRESH_PROMPT_PAD)
-    k = F.pad(cache.k.index_select(0, blocks).view(kv_shape)[:n], pad).transpose(0, 1)
-    v = F.pad(cache.v.index_select(0, blocks).view(kv_shape)[:n], pad).transpose(0, 1)
-    qi = F.pad(q[start : start + n].to(cache.k.dtype), pad).transpose(0, 1)  # [H, m, D]
-    gqa = qi.shape[0] != k.shape[0]
-    o = F.scaled_dot_product_attention(
-        qi[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=gqa
-    )
-    out[start : start + n] = o[0, :, :n].transpose(0, 1)
-
-
-USE_SDPA_FOR_FRESH_PROMPTS = True
-"""Whether ``sdpa_for_fresh_prompts`` may say yes; tests switch it to compare both paths."""
 
 USE_CPU_NATIVE = True
 """Whether ``paged_attention`` may use the C++ kernels of ``cpu_native``; tests and the

@@ -36,14 +36,9 @@ def _reference(batch, scale, window, monkeypatch):
         return torch_ops.paged_attention(batch.q, batch.twin_cache, batch.meta, scale, window)
 
 
-def _native(batch, scale, window, fresh_via_sdpa=False):
-    """The C++ kernels' result; with ``fresh_via_sdpa`` whole prompts over a bfloat16 cache go
-    through torch's bfloat16 flash attention as on an AMX CPU (whatever this CPU has)."""
+def _native(batch, scale, window):
     assert torch_ops.USE_CPU_NATIVE and torch_ops._native_ops(batch.q, batch.cache) is not None
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(torch_ops, "USE_SDPA_FOR_FRESH_PROMPTS", fresh_via_sdpa)
-        m.setattr(torch_ops, "cpu_amx_bf16", lambda: True)
-        return torch_ops.paged_attention(batch.q, batch.cache, batch.meta, scale, window)
+    return torch_ops.paged_attention(batch.q, batch.cache, batch.meta, scale, window)
 
 
 def _check(out, ref, seed):
@@ -118,26 +113,6 @@ def test_extend_matches_twin(
     )
     scale = 0.3
     _check(_native(batch, scale, window), _reference(batch, scale, window, monkeypatch), seed)
-
-
-@pytest.mark.parametrize("window", [None, 5])
-def test_whole_prompts_over_a_bfloat16_cache_may_take_sdpa(seed, paged_batch, monkeypatch, window):
-    """On AMX CPUs a chunk that is its sequence's whole context goes to torch's bfloat16 flash
-    attention (queries rounded to bfloat16, lengths padded): the other rows stay on the
-    kernels, and every row matches the twin within bfloat16 rounding. A sliding window keeps
-    everything on the kernels."""
-    random.seed(seed)
-    chunks = [(0, 37), (20, 1), (0, 2), (30, 9), (0, 64)]
-    batch = paged_batch(chunks, 9, 3, 64, 16, torch.float32, torch.bfloat16)
-    plan = torch_ops._native_plan(batch.meta, fresh_via_sdpa=True)
-    assert [(start, n) for start, n, _ in plan["fresh"]] == [(0, 37), (38, 2), (49, 64)]
-    assert plan["extend"]["qlens"].tolist() == [9]
-    got = _native(batch, 0.125, window, fresh_via_sdpa=True)
-    ref = _reference(batch, 0.125, window, monkeypatch)
-    assert not got.isnan().any()
-    torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2, msg=f"seed={seed}")
-    exact = _native(batch, 0.125, window)
-    assert torch.equal(got, exact) == (window is not None)
 
 
 def test_queries_may_be_a_strided_view(seed, paged_batch, monkeypatch):
