@@ -20,12 +20,16 @@ namespace kvmesh {
 // (the sum's low mantissa bits hold n), evaluate 2^f on f = x - n in [-0.5, 0.5] by its
 // degree-7 Taylor polynomial (truncation error ~5e-9, below float rounding), and put n into
 // the exponent. Below -126 (including -inf, a masked score) the result is exactly 0.
-inline float exp2_nonpos(float x) {
-  const float xc = x < -126.f ? -126.f : x;
-  const float shifted = xc + 12582912.f;
-  const float n = shifted - 12582912.f;
-  const float f = xc - n;
-  float p = 1.5252733804059841e-05f;  // ln2^7 / 7!
+// V: float, or a vector of floats (GCC vector extension) with I the same-shaped int32 vector:
+// each lane computes what the scalar does.
+template <class V, class I>
+inline V exp2_nonpos_lanes(V x) {
+  const V zero = V{};
+  const V xc = x < -126.f ? zero - 126.f : x;
+  const V shifted = xc + 12582912.f;
+  const V n = shifted - 12582912.f;
+  const V f = xc - n;
+  V p = zero + 1.5252733804059841e-05f;  // ln2^7 / 7!
   p = p * f + 1.5403530393381610e-04f;
   p = p * f + 1.3333558146428443e-03f;
   p = p * f + 9.6181291076284772e-03f;
@@ -33,13 +37,15 @@ inline float exp2_nonpos(float x) {
   p = p * f + 2.4022650695910071e-01f;
   p = p * f + 6.9314718055994531e-01f;
   p = p * f + 1.f;
-  int32_t bits;
+  I bits;
   std::memcpy(&bits, &shifted, sizeof bits);
-  const int32_t exponent = (bits - 0x4B400000 + 127) << 23;  // n + bias, n in [-126, 0]
-  float two_n;
+  const I exponent = (bits - 0x4B400000 + 127) << 23;  // n + bias, n in [-126, 0]
+  V two_n;
   std::memcpy(&two_n, &exponent, sizeof two_n);
-  return x < -126.f ? 0.f : p * two_n;
+  return x < -126.f ? zero : p * two_n;
 }
+
+inline float exp2_nonpos(float x) { return exp2_nonpos_lanes<float, int32_t>(x); }
 
 // 16 floats as one GCC vector (one AVX-512 register, two AVX2 ones); aligned(4): loads from
 // anywhere in a row.
@@ -121,24 +127,7 @@ inline void store16(uint16_t* p, vec16 v) {
 // exp2_nonpos on 16 lanes: the same arithmetic, lane by lane (so the same values).
 inline vec16 exp2_nonpos16(vec16 x) {
   typedef int32_t i32x16 __attribute__((vector_size(kLanes * sizeof(int32_t))));
-  const vec16 xc = x < -126.f ? vec16{} - 126.f : x;
-  const vec16 shifted = xc + 12582912.f;
-  const vec16 n = shifted - 12582912.f;
-  const vec16 f = xc - n;
-  vec16 p = vec16{} + 1.5252733804059841e-05f;
-  p = p * f + 1.5403530393381610e-04f;
-  p = p * f + 1.3333558146428443e-03f;
-  p = p * f + 9.6181291076284772e-03f;
-  p = p * f + 5.5504108664821580e-02f;
-  p = p * f + 2.4022650695910071e-01f;
-  p = p * f + 6.9314718055994531e-01f;
-  p = p * f + 1.f;
-  i32x16 bits;
-  std::memcpy(&bits, &shifted, sizeof bits);
-  const i32x16 exponent = (bits - 0x4B400000 + 127) << 23;
-  vec16 two_n;
-  std::memcpy(&two_n, &exponent, sizeof two_n);
-  return x < -126.f ? vec16{} : p * two_n;
+  return exp2_nonpos_lanes<vec16, i32x16>(x);
 }
 
 // n bfloat16 widened to float32 at dst.
