@@ -96,9 +96,6 @@ class AsyncLLM:
     ) -> None:
         """``step_threads``: size each step's torch threads by its work (see
         ``kvmesh.replicas.step_threads``); None leaves the thread count alone."""
-        self.engine = engine or build_engine(args or EngineArgs(**kwargs))
-        if step_threads is not None:
-            self.engine.step_threads = step_threads
         self.max_pending_requests = max_pending_requests
         self.max_queue_delay_s = max_queue_delay_s
         self.max_inter_token_latency_s = max_inter_token_latency_s
@@ -120,26 +117,36 @@ class AsyncLLM:
         self._accepting = True
         self._error: BaseException | None = None
         self._ids = itertools.count()
-        self._stats: dict[str, Any] = self.engine.stats()
-        warmed: queue.SimpleQueue = queue.SimpleQueue()  # None, or what the warm-up raised
+        started: queue.SimpleQueue = queue.SimpleQueue()  # None, or what start-up raised
 
-        def warm_up_then_run() -> None:
-            # The first request must not pay for a kernel build or any first-call cost, so the
-            # engine warms up before the constructor returns (the replica reports ready), on
-            # the thread that will serve: torch's OpenMP team and allocator arenas are per
-            # thread.
-            if self.engine.args.warmup:
-                try:
+        def start_then_run() -> None:
+            # The engine is built, warmed and run on one thread. torch's OpenMP thread team
+            # belongs to the thread that runs a parallel region: a model loaded on the
+            # constructor's thread leaves a second, idle team behind, and libgomp, seeing
+            # more of its threads than cores, then stops spinning at barriers and puts its
+            # workers to sleep after every op (measured offline, bfloat16, 2 cores: 24.7 s
+            # against 19.5 s with all on one thread). The first request must not pay for a
+            # kernel build or any first-call cost either, so the warm-up runs here before
+            # the constructor returns (the replica reports ready).
+            try:
+                if self.engine is None:
+                    self.engine = build_engine(args or EngineArgs(**kwargs))
+                if step_threads is not None:
+                    self.engine.step_threads = step_threads
+                self._stats = self.engine.stats()
+                if self.engine.args.warmup:
                     warm_up(self.engine)
-                except BaseException as exc:
-                    warmed.put(exc)
-                    return
-            warmed.put(None)
+            except BaseException as exc:
+                started.put(exc)
+                return
+            started.put(None)
             self._run()
 
-        self._thread = threading.Thread(target=warm_up_then_run, name="kvmesh-engine", daemon=True)
+        self.engine: LLMEngine = engine  # None until start_then_run builds it
+        self._stats: dict[str, Any] = {}
+        self._thread = threading.Thread(target=start_then_run, name="kvmesh-engine", daemon=True)
         self._thread.start()
-        error = warmed.get()
+        error = started.get()
         if error is not None:
             raise error
 

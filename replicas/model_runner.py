@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kvmesh.kernels import AttentionMetadata, KVCacheLayer
+from kvmesh.kernels.cpu_memory import keep_freed_memory, zeros_on_huge_pages
 from kvmesh.replicas import capacity
 from kvmesh.replicas.model_arch import ModelArchConfig
 from kvmesh.replicas.models.llama import LlamaForCausalLM
@@ -68,27 +69,29 @@ def allocate_kv_cache(
     device: torch.device,
     num_kv_heads: int | None = None,
 ) -> list[KVCacheLayer]:
-    """Zero-filled caches: padding slots read as zeros (finite), never as stale NaNs."""
+    """Zero-filled caches: padding slots read as zeros (finite), never as stale NaNs. On a CPU
+    the caches sit on huge pages (``kernels/cpu_memory``: fewer TLB misses in decode)."""
     heads = num_kv_heads or cfg.num_key_value_heads
     shape = (num_blocks, block_size, heads, cfg.head_dim)
     layers = []
     dtype = kv_storage_dtype(dtype, device)
+
+    def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if torch.device(device).type == "cpu":
+            return zeros_on_huge_pages(shape, dtype)
+        return torch.zeros(shape, dtype=dtype, device=device)
+
     for _ in range(cfg.num_hidden_layers):
         if kv_cache_dtype == "auto":
-            layers.append(
-                KVCacheLayer(
-                    torch.zeros(shape, dtype=dtype, device=device),
-                    torch.zeros(shape, dtype=dtype, device=device),
-                )
-            )
+            layers.append(KVCacheLayer(zeros(shape, dtype), zeros(shape, dtype)))
         else:
             qdtype = KV_DTYPES[kv_cache_dtype]
             layers.append(
                 KVCacheLayer(
-                    torch.zeros(shape, dtype=qdtype, device=device),
-                    torch.zeros(shape, dtype=qdtype, device=device),
-                    torch.zeros(shape[:3], dtype=torch.float32, device=device),
-                    torch.zeros(shape[:3], dtype=torch.float32, device=device),
+                    zeros(shape, qdtype),
+                    zeros(shape, qdtype),
+                    zeros(shape[:3], torch.float32),
+                    zeros(shape[:3], torch.float32),
                 )
             )
     return layers
@@ -172,6 +175,8 @@ class ModelRunner:
         # On a CPU the linear weights go into oneDNN's layout once, here, where every
         # process that runs the model (an engine, a tensor-parallel rank) passes.
         self.packed_linear_layers = model.pack_linear_layers()
+        if torch.device(device).type == "cpu":
+            keep_freed_memory()  # steps reuse freed activations instead of faulting new pages
         self.kv_caches = kv_caches
         self.device = device
         self.block_size = block_size

@@ -102,22 +102,33 @@ def test_async_llm_warms_up_before_serving_unless_told_not_to(make_tiny_model):
             asyncio.run(llm.shutdown(timeout_s=1))
 
 
-def test_the_engine_thread_warms_up_and_a_failed_warm_up_fails_the_start(
+def test_the_engine_thread_builds_and_warms_up_and_a_failed_start_fails_the_constructor(
     make_tiny_model, monkeypatch
 ):
+    """One thread loads, warms and runs the engine (one OpenMP team: see AsyncLLM), and
+    whatever start-up raises there is raised by the constructor."""
     from kvmesh.replicas import async_engine
 
     path = str(make_tiny_model("llama", num_hidden_layers=1))
     threads = []
 
+    def spy_build(args):
+        threads.append(("build", threading.current_thread().name))
+        return async_engine.LLMEngine(args)
+
     def spy(engine):
-        threads.append(threading.current_thread().name)
+        threads.append(("warm_up", threading.current_thread().name))
         return warm_up(engine)
 
+    monkeypatch.setattr(async_engine, "build_engine", spy_build)
     monkeypatch.setattr(async_engine, "warm_up", spy)
     llm = AsyncLLM(model=path, **ENGINE)
     asyncio.run(llm.shutdown(timeout_s=1))
-    assert threads == ["kvmesh-engine"]  # the thread that serves, not the constructor's
+    # the thread that serves, not the constructor's
+    assert threads == [("build", "kvmesh-engine"), ("warm_up", "kvmesh-engine")]
+
+    with pytest.raises(ValueError, match="not a local directory"):
+        AsyncLLM(model=path + "-missing", **ENGINE)
 
     def broken(engine):
         raise RuntimeError("device lost during warm-up")
