@@ -85,6 +85,8 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     env["KVMESH_CPU_MALLOC_TUNING"] = "0"
     not_applied, untuned = faults_of_20_steps(env)
     assert (applied, not_applied) == ("True", "False")
-    # glibc hands the 40 MiB back after each step and faults it in again: ~10 k pages a step.
-    assert untuned > 20 * 2000, (tuned, untuned)
-    assert tuned < untuned / 20, (tuned, untuned)
+    # A step writes 40 MiB (~10 k pages). Untuned, whether glibc hands it back and faults it in
+    # again each step depends on what else sits at the top of the heap (200 k faults over the
+    # 20 steps on one machine, 1 k in CI's process), so only the tuned bound is asserted: no
+    # step faults its activations in again.
+    assert tuned < 2000, (tuned, untuned)
