@@ -15,9 +15,9 @@ models (the architecture tests check it with packing on).
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from kvmesh.kernels.switches import env_switch
 
 # The row count oneDNN tunes the packed layout for. Measured at 1-1,024 rows: packing for 64
 # was as fast as or faster than packing for 1 everywhere but the LM head at one row (±10 %).
@@ -26,12 +26,7 @@ _BATCH_HINT = 64
 
 def packing_enabled() -> bool:
     """Whether ``KVMESH_CPU_PACKED_LINEAR`` leaves packing on (the default)."""
-    value = os.environ.get("KVMESH_CPU_PACKED_LINEAR", "1").strip().lower()
-    if value in ("1", "true", "yes", "on", ""):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"KVMESH_CPU_PACKED_LINEAR must be 0 or 1, got {value!r}")
+    return env_switch("KVMESH_CPU_PACKED_LINEAR")
 
 
 def packing_supported(dtype: torch.dtype) -> bool:

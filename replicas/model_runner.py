@@ -75,9 +75,10 @@ def allocate_kv_cache(
     shape = (num_blocks, block_size, heads, cfg.head_dim)
     layers = []
     dtype = kv_storage_dtype(dtype, device)
+    on_cpu = torch.device(device).type == "cpu"
 
     def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if torch.device(device).type == "cpu":
+        if on_cpu:
             return zeros_on_huge_pages(shape, dtype)
         return torch.zeros(shape, dtype=dtype, device=device)
 
