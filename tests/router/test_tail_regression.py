@@ -366,3 +366,82 @@ def test_a_cold_prompt_still_avoids_the_full_replica():
         d = _route(_full_home(kv_penalty_by_miss=by_miss), cold)
         assert d.best == "idle", d.costs
         assert d.costs["home"] - d.costs["idle"] == 24 * 5 + 4096
+
+
+# ---- (e) a new tenant's first turn -----------------------------------------------------------
+def _two_tenants_placed(clock, **overrides):
+    """Tenant 0 (popular) on "a": its first turn and five more sessions' turns over a minute;
+    tenant 1 (one session so far) on "b". Both replicas report idle."""
+    core = make_core(clock, **overrides)
+    reps = {n: FakeReplica(n, clock) for n in "ab"}
+    core.set_replicas(reps)
+    for name, rep in reps.items():
+        core.apply_report(name, rep.report())
+    sent = [("a", prompt(0, 1024, suffix=s)) for s in range(1, 7)] + [("b", prompt(1, 1712))]
+    for i, (replica, tokens) in enumerate(sent):
+        clock.t += 8.0
+        d = _route(core, tokens)
+        core.on_routed(replica, f"r{i}", hashes(tokens), len(tokens), d)
+        core.on_completed(f"r{i}")
+        core.apply_report(replica, reps[replica].report(events=stored(hashes(tokens))))
+    return core, reps
+
+
+def _queue_at(core, reps, name, tokens):
+    reps[name].load = idle_load(num_requests_waiting=1, pending_prefill_tokens=tokens)
+    core.apply_report(name, reps[name].report())
+
+
+NEW_TENANT = prompt(2, 1536)
+
+
+def test_new_tenant_goes_where_the_queue_is_that_second_without_the_rule():
+    for busy, expected in (("b", "a"), ("a", "b")):
+        clock = FakeClock()
+        core, reps = _two_tenants_placed(clock)
+        _queue_at(core, reps, busy, 600)
+        d = _route(core, NEW_TENANT)
+        assert d.best == expected and d.reason == "no_prefix", d.costs
+
+
+def test_new_tenant_goes_to_the_replica_with_less_recent_work():
+    for busy in ("a", "b"):
+        clock = FakeClock()
+        core, reps = _two_tenants_placed(clock, new_prefix_slack=1.0)
+        _queue_at(core, reps, busy, 600)
+        d = _route(core, NEW_TENANT)
+        # "b" served one request of tenant 1, "a" six of tenant 0: the same choice either way.
+        assert d.best == "b", (d.costs, [c.load.recent_work for c in d.candidates])
+        assert d.reason == ("new_prefix" if busy == "b" else "no_prefix")
+        recent = {c.replica: c.load.recent_work for c in d.candidates}
+        assert recent["a"] > recent["b"] > 0
+
+
+def test_new_prefix_rule_yields_to_a_queue_longer_than_the_slack():
+    clock = FakeClock()
+    core, reps = _two_tenants_placed(clock, new_prefix_slack=1.0)
+    _queue_at(core, reps, "b", len(NEW_TENANT) + 200)
+    assert _route(core, NEW_TENANT).best == "a"
+
+
+def test_new_prefix_rule_leaves_cached_prompts_alone():
+    """Tenant 0's next turn is cached on "a": the rule does not apply, the cache decides."""
+    clock = FakeClock()
+    core, _ = _two_tenants_placed(clock, new_prefix_slack=1.0)
+    d = _route(core, prompt(0, 1024, suffix=99))
+    assert d.best == "a" and d.reason == "cache_hit"
+
+
+def test_recent_work_decays_and_a_moved_request_leaves_its_old_replica():
+    clock = FakeClock()
+    core = make_core(clock, recent_work_half_life_s=10.0)
+    core.set_replicas(["a", "b"])
+    tokens = prompt(3, 480)
+    d = _route(core, tokens)
+    core.reserve("a", "r", hashes(tokens), len(tokens), d)
+    core.on_routed("b", "r", hashes(tokens), len(tokens), d, reserved="a")
+    work = len(tokens)
+    assert core.loads.load("a", clock()).recent_work == 0.0
+    assert core.loads.load("b", clock()).recent_work == work
+    clock.t += 10.0
+    assert abs(core.loads.load("b", clock()).recent_work - work / 2) < 1e-9
