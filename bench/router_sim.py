@@ -36,8 +36,7 @@ not acknowledge; the router's own requests count for ``pending_ttl_s``), ``ours_
 prefill terms in tokens rather than at each replica's reported, measured prefill rate; every
 simulated replica has the same cost model, so the measured rates differ only by step mix);
 ``ours_flat_kv`` (``kv_penalty_by_miss`` off: the whole KV penalty whatever share of the
-prompt the replica already holds); ``ours_new_prefix`` (``new_prefix_slack`` 1: a prompt no
-replica holds goes to the replica with the least recent work among those nearly as cheap).
+prompt the replica already holds).
 
 Writes ``bench/out/router_sim.json`` and ``bench/out/router_sim.png`` (TTFT p90 and prefix hit
 rate against request rate).
@@ -608,9 +607,6 @@ VARIANTS = {
     "ours_no_rate": ({"rate_aware": False}, 1, True),
     # The flat KV penalty of earlier versions (not scaled by the prompt's uncached share).
     "ours_flat_kv": ({"kv_penalty_by_miss": False}, 1, True),
-    # A prompt no replica holds goes to the replica with the least recent work, if nearly
-    # as cheap (the placement of a new tenant by traffic share, not by that second's queue).
-    "ours_new_prefix": ({"new_prefix_slack": 1.0}, 1, True),
 }
 """Ablations of ``ours``: RouterConfig overrides, number of routers, replicas acknowledge."""
 

@@ -171,28 +171,6 @@ class RouterConfig(BaseModel):
             "replicas' factors then differ by at most this squared."
         ),
     )
-    new_prefix_slack: float = Field(
-        default=0.0,
-        ge=0.0,
-        description=(
-            "Where a prompt no replica holds any block of goes (a new tenant's system "
-            "prompt, a new document): among the replicas whose cost is within this x the "
-            "prompt's tokens of the best, the one with the least recent work "
-            "(``recent_work_half_life_s``). Such a prompt starts a prefix that its later "
-            "requests follow to wherever it lands, so its placement sets the replica's share "
-            "of the fleet's traffic for as long as the prefix lives; the queue at that instant "
-            "(what the cost alone compares) says little about that share and differs from "
-            "run to run. 0: off (the cost alone decides)."
-        ),
-    )
-    recent_work_half_life_s: float = Field(
-        default=60.0,
-        gt=0.0,
-        description=(
-            "Half-life of a replica's recent work for ``new_prefix_slack``: the prompt "
-            "tokens routed there, cached or not, decayed exponentially."
-        ),
-    )
     tie_tolerance: float = Field(
         default=8.0,
         ge=0.0,

@@ -288,9 +288,7 @@ class PrefixRouterCore:
         else:
             keys = [block_key(h) for h in block_hashes]
         self.index.speculate(replica, keys, now, self.config.speculative_ttl_s)
-        self.loads.on_routed(
-            replica, request_id, seq, num_prompt_tokens - hit, now, num_prompt_tokens
-        )
+        self.loads.on_routed(replica, request_id, seq, num_prompt_tokens - hit, now)
         self._unpin(request_id, released=False)  # a retry, or Serve chose another replica
         if keys:
             self.index.touch(replica, keys)

@@ -57,8 +57,6 @@ class CandidateTerms:
     decode_step_s: float | None = None
     rate_factor: float = 1.0
     """What the prefill terms (``miss_cost``, ``queue_cost``) were multiplied by."""
-    recent_work: float = 0.0
-    """The replica's recent work (what ``new_prefix_slack`` places new prefixes by)."""
 
 
 @dataclass
@@ -106,7 +104,6 @@ def candidate_terms(decision: Decision, num_prompt_tokens: int, config: RouterCo
                 prefill_tokens_per_s=cand.load.prefill_tokens_per_s,
                 decode_step_s=cand.load.decode_step_s,
                 rate_factor=factor,
-                recent_work=cand.load.recent_work,
             )
         )
     return out

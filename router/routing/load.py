@@ -14,7 +14,7 @@ fallback: a routed request counts for ``pending_ttl_s``, about the time until a 
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from kvmesh.router.routing.config import RouterConfig
 from kvmesh.router.routing.wire import LoadReport
@@ -37,8 +37,6 @@ class ReplicaLoad:
     """The replica's measured prefill rate (None: not reported / not yet measured)."""
     decode_step_s: float | None = None
     """The replica's recent decode step time (None: not reported); logged, not priced."""
-    recent_work: float = 0.0
-    """Prompt tokens this router sent there lately, cached or not (decayed; see RecentWork)."""
 
 
 @dataclass
@@ -47,44 +45,10 @@ class _Pending:
     seq: int
     miss_tokens: int
     routed_at: float
-    prompt_tokens: int = 0
-
-
-@dataclass
-class RecentWork:
-    """Prompt tokens routed to one replica, decayed with a half-life: its share of traffic.
-
-    Cached tokens count too: a running request holds its whole prompt in the replica's KV
-    cache and attends over it every step, and a prefix's later requests (what a placement
-    decides) are mostly cached. Counting only the uncached tokens would weigh a tenant's
-    one-time first prefill over the many cheap turns that follow it.
-
-    Unlike the queue (which a single long prefill fills and empties within seconds), it
-    changes little between two moments a second apart, so decisions made on it come out the
-    same when the same requests arrive a little earlier or later.
-    """
-
-    half_life_s: float
-    value: float = 0.0
-    at: float | None = None
-
-    def add(self, work: float, now: float) -> None:
-        """Add ``work`` done at ``now`` (a time before the last addition is decayed from then)."""
-        if self.at is not None and now < self.at:
-            work *= 0.5 ** ((self.at - now) / self.half_life_s)
-            now = self.at
-        self.value = max(self.at_time(now) + work, 0.0)
-        self.at = now
-
-    def at_time(self, now: float) -> float:
-        if self.at is None:
-            return 0.0
-        return self.value * 0.5 ** (max(now - self.at, 0.0) / self.half_life_s)
 
 
 @dataclass
 class _ReplicaLoadState:
-    recent: RecentWork
     base: ReplicaLoad = ReplicaLoad()
     """The last report, in the policy's terms."""
     acked: int | None = None
@@ -101,10 +65,7 @@ class LoadTracker:
         self._where: dict[str, Hashable] = {}
 
     def add_replica(self, replica: Hashable) -> None:
-        if replica not in self._replicas:
-            self._replicas[replica] = _ReplicaLoadState(
-                RecentWork(self.config.recent_work_half_life_s)
-            )
+        self._replicas.setdefault(replica, _ReplicaLoadState())
 
     def remove_replica(self, replica: Hashable) -> None:
         state = self._replicas.pop(replica, None)
@@ -139,24 +100,13 @@ class LoadTracker:
             self._where.pop(request_id, None)
 
     def on_routed(
-        self,
-        replica: Hashable,
-        request_id: str,
-        seq: int,
-        miss_tokens: int,
-        now: float,
-        prompt_tokens: int = 0,
+        self, replica: Hashable, request_id: str, seq: int, miss_tokens: int, now: float
     ) -> None:
         state = self._replicas.get(replica)
         if state is None:
             return
-        # A retry, or a reservation that landed elsewhere: the request leaves its old replica.
-        old = self._where.get(request_id)
-        if old is not None and (p := self._replicas[old].pending.get(request_id)) is not None:
-            self._replicas[old].recent.add(-p.prompt_tokens, p.routed_at)
-        self.on_completed(request_id)
-        state.pending[request_id] = _Pending(replica, seq, miss_tokens, now, prompt_tokens)
-        state.recent.add(prompt_tokens, now)
+        self.on_completed(request_id)  # a retry re-routes the same request
+        state.pending[request_id] = _Pending(replica, seq, miss_tokens, now)
         self._where[request_id] = replica
 
     def on_completed(self, request_id: str) -> None:
@@ -168,7 +118,7 @@ class LoadTracker:
         state = self._replicas.get(replica)
         if state is None:
             return ReplicaLoad()
-        base = replace(state.base, recent_work=state.recent.at_time(now))
+        base = state.base
         if not state.pending:
             return base
         queued, resident = base.queued_tokens, base.resident
@@ -183,7 +133,9 @@ class LoadTracker:
         for request_id in stale:
             del state.pending[request_id]
             self._where.pop(request_id, None)
-        return replace(base, queued_tokens=queued, resident=resident)
+        return ReplicaLoad(
+            queued, resident, base.kv_usage, base.prefill_tokens_per_s, base.decode_step_s
+        )
 
     def num_pending(self, replica: Hashable | None = None) -> int:
         if replica is None:

@@ -26,11 +26,7 @@ median measured prefill rate over this replica's rate (clamped to ``1/rate_max_r
 its queued and missed tokens twice. Replicas that report no rate count at the median (or at
 ``default_prefill_tokens_per_s``); with equal or no reported rates every factor is exactly 1.
 
-The lowest cost wins; near-ties (``tie_tolerance``) are broken at random. A prompt that no
-replica holds any of starts a new prefix, and its later requests will follow it: with
-``new_prefix_slack`` it goes to the replica with the least recent work among those nearly as
-cheap, so where a new tenant lands depends on the fleet's share of traffic, not on which queue
-happened to be shorter that second. Two overrides:
+The lowest cost wins; near-ties (``tie_tolerance``) are broken at random. Two overrides:
 
 * session affinity: a session's previous replica wins if it costs at most ``session_slack``
   more than the best;
@@ -63,9 +59,6 @@ class Reason(StrEnum):
     """The imbalance guard fired: power of two choices on load."""
     SESSION_AFFINITY = "session_affinity"
     """The session's previous replica, close enough to the best."""
-    NEW_PREFIX = "new_prefix"
-    """A prompt no replica holds: the replica with the least recent work, close enough to the
-    best (``new_prefix_slack``), where the cost alone would have chosen another."""
 
 
 @dataclass(frozen=True)
@@ -213,10 +206,6 @@ def decide(
         tied.sort(key=loads.__getitem__)
         order[:n_tied] = tied
 
-    placed = _new_prefix_order(num_prompt_tokens, order, costs, candidates, config)
-    moved_new_prefix = placed is not None and placed[0] != order[0]
-    if placed is not None:
-        order = placed
     if (
         config.session_affinity
         and sticky is not None
@@ -239,34 +228,12 @@ def decide(
             order, Reason.LOAD_FALLBACK, hits, costs, candidates=candidates, sticky=sticky
         )
 
-    if moved_new_prefix:
-        reason = Reason.NEW_PREFIX
-    else:
-        reason = Reason.CACHE_HIT if hits[order[0]] > 0 else Reason.NO_PREFIX
+    reason = Reason.CACHE_HIT if hits[order[0]] > 0 else Reason.NO_PREFIX
+    return _made(order, reason, hits, costs, candidates, sticky)
+
+
+def _made(order, reason, hits, costs, candidates, sticky) -> Decision:
     return Decision(order, reason, hits, costs, candidates=candidates, sticky=sticky)
-
-
-def _new_prefix_order(
-    num_prompt_tokens: int,
-    order: list[Hashable],
-    costs: dict[Hashable, float],
-    candidates: Sequence[Candidate],
-    config: RouterConfig,
-) -> list[Hashable] | None:
-    """``order`` with a new prefix's home first (see ``new_prefix_slack``), or None.
-
-    None unless the rule applies: it is on, and no candidate holds any of the prompt.
-    """
-    slack = config.new_prefix_slack * num_prompt_tokens
-    if slack <= 0 or len(order) < 2 or any(c.hit_tokens for c in candidates):
-        return None
-    recent = {c.replica: c.load.recent_work for c in candidates}
-    limit = costs[order[0]] + slack
-    near = [r for r in order if costs[r] <= limit]
-    rest = [r for r in order if costs[r] > limit]
-    # Stable: equal recent work keeps the cost order (and its tie-breaks).
-    near.sort(key=recent.__getitem__)
-    return near + rest
 
 
 def _overloaded(load: float, loads: dict[Hashable, float], config: RouterConfig) -> bool:

@@ -44,7 +44,6 @@ def candidates_of(record: DecisionRecord, config: RouterConfig | None = None) ->
                 c.kv_usage,
                 c.prefill_tokens_per_s,
                 c.decode_step_s,
-                c.recent_work,
             ),
         )
         for c in record.candidates
