@@ -349,6 +349,40 @@ def miss_breakdown(sent: list[Sent], system_tokens: list[int]) -> dict[str, Any]
     return out
 
 
+def placement(sent: list[Sent]) -> dict[str, Any]:
+    """Where the tenants lived and how often a conversation changed replica.
+
+    ``pairing``: each replica's tenants (a tenant counts where most of its requests went),
+    replicas named by first use; ``turns_moved``: turns sent to another replica than the
+    conversation's previous turn. Empty when the replicas are unknown (a peer that does not
+    pass on ``x-kvmesh-replica``).
+    """
+    ok = sorted((s for s in sent if s.result.ok and s.result.replica), key=lambda s: s.result.start)
+    if not ok:
+        return {}
+    names: dict[str, int] = {}
+    split: dict[int, Counter[int]] = {}
+    last: dict[int, str] = {}
+    moved = 0
+    for s in ok:
+        replica = s.result.replica
+        index = names.setdefault(replica, len(names))
+        split.setdefault(s.tenant, Counter())[index] += 1
+        if last.get(s.session, replica) != replica:
+            moved += 1
+        last[s.session] = replica
+    homes: dict[int, list[int]] = {}
+    for tenant in sorted(split):
+        homes.setdefault(split[tenant].most_common(1)[0][0], []).append(tenant)
+    return {
+        "pairing": " / ".join(str(homes[r]) for r in sorted(homes, key=lambda r: homes[r])),
+        "turns_moved": moved,
+        "tenant_split": {
+            t: [c.get(i, 0) for i in range(len(names))] for t, c in sorted(split.items())
+        },
+    }
+
+
 def request_trace(sent: list[Sent]) -> list[dict[str, Any]]:
     """One row per request, in start order: enough to redo any analysis of the run."""
     t0 = min((s.result.start for s in sent), default=0.0)
@@ -401,6 +435,7 @@ def summarize(
                 [s.result.ttft for s in sent if s.turn > 0 and s.result.ttft is not None]
             ),
             "misses": miss_breakdown(sent, system_tokens),
+            "placement": placement(sent),
             "trace": request_trace(sent),
         }
     )
@@ -582,8 +617,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| router | ok | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | later turns p90 ms "
         "| req/s | tok/s | replica hit rate | per replica | system prompt again (req / tok) "
-        "| history missed (req / tok) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| history missed (req / tok) | tenants per replica | turns moved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in report["runs"].items():
         t, later = s["ttft_ms"], s["later_turn_ttft_ms"]
@@ -593,7 +628,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_f(t['p99'])} | {_f(later['p90'])} | {s['request_throughput']:.2f} | "
             f"{s['total_token_throughput']:.0f} | {'-' if rate is None else f'{rate:.1%}'} | "
             f"{sorted(s['requests_per_replica'].values(), reverse=True)} | "
-            f"{_misses(s, 'system_again')} | {_misses(s, 'history')} |"
+            f"{_misses(s, 'system_again')} | {_misses(s, 'history')} | "
+            f"{s.get('placement', {}).get('pairing', '-')} | "
+            f"{s.get('placement', {}).get('turns_moved', '-')} |"
         )
     runs = report["runs"]
     peers = [name for name in runs if name in router_peers.PEERS]

@@ -166,10 +166,12 @@ class ModelConfig(_Strict):
     )
     graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0)
     health_check_period_s: float = Field(default=2.0, gt=0)
-    request_router: str = Field(
-        default="power_of_two",
-        description="power_of_two (Serve's default), prefix_aware (kvmesh's), round_robin, "
-        "or a 'module:Class' path.",
+    request_router: str | None = Field(
+        default=None,
+        description="prefix_aware (kvmesh's cache- and load-aware router), power_of_two "
+        "(Serve's), round_robin, or a 'module:Class' path. null: prefix_aware when the model "
+        "can run more than one replica (replicas > 1, or autoscaling max_replicas > 1), else "
+        "power_of_two (one replica leaves nothing to choose, so no cache reports are made).",
     )
     router_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -211,22 +213,38 @@ class ModelConfig(_Strict):
             )
         return self
 
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas this model can run (Serve's autoscaling default max is 1)."""
+        if self.autoscaling is not None:
+            return int(self.autoscaling.get("max_replicas", 1))
+        return self.replicas
+
+    @property
+    def router_name(self) -> str:
+        """``request_router``, or the default for this model's replica count."""
+        if self.request_router is not None:
+            return self.request_router
+        # Where there is a choice, the router that knows the replicas' caches makes it.
+        # (Resolved on use, not stored: `--replicas` rewrites a dumped config.)
+        return "prefix_aware" if self.max_replicas > 1 else "power_of_two"
+
     @model_validator(mode="after")
     def _router(self) -> ModelConfig:
         if self.prefix_aware:
             from kvmesh.router.routing.config import RouterConfig
 
             RouterConfig(**self.router_kwargs())
-        elif self.request_router not in ROUTERS and ":" not in self.request_router:
+        elif self.router_name not in ROUTERS and ":" not in self.router_name:
             raise ValueError(
-                f"request_router: {self.request_router!r} is not one of "
+                f"request_router: {self.router_name!r} is not one of "
                 f"{', '.join(ROUTERS)} or a 'module:Class' path"
             )
         return self
 
     @property
     def router_class(self) -> str:
-        return ROUTERS.get(self.request_router, self.request_router)
+        return ROUTERS.get(self.router_name, self.router_name)
 
     @property
     def prefix_aware(self) -> bool:

@@ -115,6 +115,35 @@ def test_flags_override_the_file_and_split_cores():
     assert remote.models[0].torch_threads_burst is None
 
 
+def test_router_default_is_prefix_aware_wherever_there_is_a_choice(tmp_path):
+    """Issue #15: `kvmesh serve --replicas 2` used to route with Serve's power of two."""
+    power = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
+    one, two = config_from_args(None, None, 1), config_from_args(None, None, 2)
+    assert one.models[0].router_class == power and not one.models[0].prefix_aware
+    assert two.models[0].prefix_aware
+    # The shipped one-replica config, scaled by the flag, and an autoscaled model.
+    assert (
+        config_from_args(str(EXAMPLES[0].parent / "serve_default.yaml"), None, 2)
+        .models[0]
+        .prefix_aware
+    )
+    scaled = AppConfig.model_validate(
+        {"models": [{"name": "m", "autoscaling": {"min_replicas": 1, "max_replicas": 3}}]}
+    )
+    assert scaled.models[0].prefix_aware
+    # The prefix-aware router hashes blocks as the engine does, whoever chose it.
+    assert two.models[0].router_kwargs()["block_size"] == two.models[0].engine.block_size
+    # Named explicitly, a router is kept at any replica count; the flag overrides the file.
+    kept = config_from_args(None, None, 2, router="power_of_two")
+    assert kept.models[0].router_class == power
+    path = tmp_path / "p2.yaml"
+    path.write_text(
+        yaml.safe_dump({"models": [{"name": "m", "replicas": 4, "request_router": "round_robin"}]})
+    )
+    assert load_config(path).models[0].router_class.endswith("RoundRobinRequestRouter")
+    assert config_from_args(str(path), None, None, router="prefix_aware").models[0].prefix_aware
+
+
 def test_deployment_names_are_safe_for_serve():
     assert deployment_name("org/model:v2") == "model-org_model_v2"
 
