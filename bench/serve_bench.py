@@ -1,7 +1,7 @@
 """Serving benchmark: kvmesh on Ray Serve with 1 and 2 replicas at several concurrencies.
 
 For each replica count the app is deployed fresh (SmolLM2 by default, torch threads per
-replica as ``kvmesh serve`` picks them: cores - 1 split between the replicas), then
+replica as ``kvmesh serve`` picks them: the cores split between the replicas), then
 ``kvmesh bench serve``'s load generator runs each concurrency level and we record TTFT / TPOT
 p50 and p99 and throughput, plus the serving layer's own overhead read from the app's
 ``/metrics``:
@@ -38,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvmesh.cluster import loadgen
 from kvmesh.cluster.app_config import AppConfig
-from kvmesh.cluster.serve_cmd import burst_threads_per_replica, threads_per_replica
+from kvmesh.cluster.serve_cmd import engine_threads_per_replica, threads_per_replica
 from kvmesh.cluster.serve_env import apply_serve_process_env
 
 OUT = Path(__file__).parent / "out"
@@ -105,10 +105,9 @@ def _ms(v: float | None) -> float | None:
 def app_config(
     model: str | None, replicas: int, port: int, cpus: int, threads: int | None = None
 ) -> AppConfig:
-    share = threads or threads_per_replica(cpus, replicas)
-    # As `kvmesh serve` splits the cores: steps with real work borrow the core left to Serve
-    # (unless --torch-threads fixes the count).
-    burst = None if threads else burst_threads_per_replica(cpus, replicas)
+    # As `kvmesh serve` splits the cores (unless --torch-threads fixes the count).
+    engine_threads = threads or engine_threads_per_replica(cpus, replicas)
+    ray_cpus = threads or threads_per_replica(cpus, replicas)
     return AppConfig.model_validate(
         {
             "name": "kvmesh-bench",
@@ -118,9 +117,8 @@ def app_config(
                     "name": "bench",
                     "engine": {"model": model, "max_model_len": 2048, "max_num_seqs": 64},
                     "replicas": replicas,
-                    "num_cpus": float(share),
-                    "torch_threads": share,
-                    "torch_threads_burst": burst,
+                    "num_cpus": float(ray_cpus),
+                    "torch_threads": engine_threads,
                     "max_pending_requests": 1024,
                 }
             ],
@@ -178,8 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model or "SmolLM2-135M-Instruct (embedded)",
         "cpus": cpus,
-        "torch_threads": args.torch_threads
-        or "(cores - 1) / replicas, at least 1; steps of 8+ tokens on the replica's whole share",
+        "torch_threads": args.torch_threads or "cores / replicas, at least 1",
         "workload": {
             "kind": args.workload,
             "input_len": args.input_len,

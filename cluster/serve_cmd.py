@@ -31,29 +31,25 @@ READY_POLL_S = 0.5
 
 
 def threads_per_replica(cpus: int, replicas: int) -> int:
-    """Torch threads (and Ray CPUs) per replica when no config says: the machine's cores split
-    between the replicas, less one core left to Serve's own processes (proxy, ingress, routing).
-
-    Measured on a 2-core machine with SmolLM2 and one replica: one engine thread instead of two
-    halved the HTTP-arrival-to-engine overhead (8.8 -> 4.7 ms p50) and decode was faster too
-    (TPOT 65 -> 56 ms), because the engine no longer competes with Serve for every core.
-    """
+    """Ray CPUs per replica when no config says: the machine's cores split between the
+    replicas, less one core Ray keeps for Serve's own actors (proxy, ingress, stats hub)."""
     return max(1, (cpus - 1) // replicas)
 
 
-def burst_threads_per_replica(cpus: int, replicas: int) -> int | None:
-    """Torch threads per replica for the steps that compute many tokens: its whole share of
-    the cores, the one left to Serve included (None when that is no more than
-    ``threads_per_replica``).
+def engine_threads_per_replica(cpus: int, replicas: int) -> int:
+    """Torch threads per replica when no config says: its whole share of the cores, the one
+    Ray keeps for Serve included.
 
-    Measured on a 2-core machine with SmolLM2 in bfloat16 and one replica, the same load in
-    one run (``bench/serve_vs_vllm.py``): fixed 2 threads cut TTFT at concurrency 1 from 402
-    to 302 ms p50 but slowed its decode (TPOT 36 -> 43 ms); 1 thread and 2 for steps of 8+
-    tokens gave 276 ms and 34 ms, and at concurrency 16 122 output tokens/s (85 with 1
-    thread, 111 with 2).
+    Measured on a 2-core Intel machine with AMX (SmolLM2, bfloat16, one replica;
+    ``bench/serve_vs_vllm.py``, six alternated runs): two threads for every step gave a TPOT
+    p50 of 22.9-24.7 ms at concurrency 1, where one thread for single-token steps and two for
+    steps of 8+ tokens (the earlier default) gave 29.9-32.8 ms; TTFT and throughput at
+    concurrency 16 were level. Serve streams one token per step at low concurrency, too
+    little to need a core of its own. The earlier measurements that favoured one thread were
+    taken while a replica built its engine on one thread and stepped it on another, which left
+    two OpenMP teams fighting over the cores (fixed since).
     """
-    burst = max(1, cpus // replicas)
-    return burst if burst > threads_per_replica(cpus, replicas) else None
+    return max(1, cpus // replicas)
 
 
 def config_from_args(
@@ -83,15 +79,13 @@ def config_from_args(
             "torch_threads_burst": base.torch_threads_burst,
         }
         if split_local_cores and not config_path:
-            # Without a config file, split this machine's cores between the replicas, and let
-            # a step with real work (a prefill, a large batch) use the core left to Serve too:
-            # Serve has little to do while it runs.
+            # Without a config file, split this machine's cores between the replicas: Ray
+            # keeps one CPU for Serve's actors, the engines still use every core.
             cpus = os.cpu_count() or 1
-            share = threads_per_replica(cpus, n)
             threads = {
-                "num_cpus": float(share),
-                "torch_threads": share,
-                "torch_threads_burst": burst_threads_per_replica(cpus, n),
+                "num_cpus": float(threads_per_replica(cpus, n)),
+                "torch_threads": engine_threads_per_replica(cpus, n),
+                "torch_threads_burst": None,
             }
         engine = base.engine.model_dump()
         name = base.name

@@ -11,9 +11,9 @@ import yaml
 from kvmesh.cluster.app_config import AppConfig, deployment_name, load_config
 from kvmesh.cluster.cli import build_parser
 from kvmesh.cluster.serve_cmd import (
-    burst_threads_per_replica,
     check_serve_config,
     config_from_args,
+    engine_threads_per_replica,
     serve_config,
     threads_per_replica,
     unknown_keys,
@@ -94,13 +94,15 @@ def test_flags_override_the_file_and_split_cores():
     (m,) = config.models
     assert (m.name, m.engine.model, m.replicas) == ("my-llm", "/models/my-llm", 2)
     assert (config.host, config.port, config.url) == ("0.0.0.0", 9000, "http://0.0.0.0:9000")
-    assert m.num_cpus >= 1 and m.torch_threads == int(m.num_cpus)
+    cpus = os.cpu_count() or 1
+    assert m.num_cpus == threads_per_replica(cpus, 2) and m.num_cpus >= 1
+    # Ray keeps a CPU for Serve's actors; the engines still get every core.
     assert threads_per_replica(2, 1) == 1 and threads_per_replica(16, 2) == 7
-    # Steps with real work also take the core left to Serve; none where there is no spare.
-    assert burst_threads_per_replica(2, 1) == 2 and burst_threads_per_replica(16, 2) == 8
-    assert burst_threads_per_replica(1, 1) is None and burst_threads_per_replica(4, 4) is None
-    assert m.torch_threads_burst == burst_threads_per_replica(os.cpu_count() or 1, 2)
-    assert m.replica_options(config)["torch_threads_burst"] == m.torch_threads_burst
+    assert engine_threads_per_replica(2, 1) == 2 and engine_threads_per_replica(16, 2) == 8
+    assert engine_threads_per_replica(1, 1) == 1 and engine_threads_per_replica(4, 8) == 1
+    assert m.torch_threads == engine_threads_per_replica(cpus, 2)
+    assert m.replica_options(config)["torch_threads"] == m.torch_threads
+    assert m.torch_threads_burst is None
     canary = config_from_args(str(EXAMPLES[0].parent / "serve_canary.yaml"), None, 3)
     assert [m.replicas for m in canary.models] == [3, 3]
     with pytest.raises(ValueError, match="exactly one model"):
