@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvmesh.cluster import loadgen
 from kvmesh.cluster.app_config import AppConfig
+from kvmesh.cluster.local_ports import free_loopback_port
 from kvmesh.cluster.serve_cmd import engine_threads_per_replica, threads_per_replica
 from kvmesh.cluster.serve_env import apply_serve_process_env
 
@@ -46,9 +46,7 @@ OVERHEAD = "kvmesh:serving_overhead_seconds"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_loopback_port()
 
 
 def overhead_buckets(url: str) -> dict[str, dict[float, float]]:

@@ -78,12 +78,10 @@ def random_prompts(seed: int, lengths: list[int], vocab: int = 320) -> list[list
 
 
 def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    import socket
+    """A loopback TCP port nothing listens on right now (outside the ephemeral range)."""
+    from kvmesh.cluster.local_ports import free_loopback_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_loopback_port()
 
 
 def wait_until_ok(
