@@ -231,6 +231,13 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _router(self) -> ModelConfig:
+        if self.request_router is None and self.router_options and not self.prefix_aware:
+            # The options would go to Serve's power of two, which takes none of them.
+            raise ValueError(
+                f"router_options are set but this model routes with {self.router_name} by "
+                "default (one replica); set request_router (prefix_aware for kvmesh's "
+                "router) or drop router_options"
+            )
         if self.prefix_aware:
             from kvmesh.router.routing.config import RouterConfig
 

@@ -144,6 +144,16 @@ def test_router_default_is_prefix_aware_wherever_there_is_a_choice(tmp_path):
     )
     assert load_config(path).models[0].router_class.endswith("RoundRobinRequestRouter")
     assert config_from_args(str(path), None, None, router="prefix_aware").models[0].prefix_aware
+    # Options for kvmesh's router on a one-replica model would silently go to Serve's power
+    # of two: a clear error instead; with the router named, or a choice to make, they apply.
+    options = {"queue_weight": 0.5}
+    with pytest.raises(ValueError, match=r"router_options are set but .*power_of_two"):
+        AppConfig.model_validate({"models": [{"name": "m", "router_options": options}]})
+    for extra in ({"request_router": "prefix_aware"}, {"replicas": 2}):
+        model = AppConfig.model_validate(
+            {"models": [{"name": "m", "router_options": options, **extra}]}
+        ).models[0]
+        assert model.prefix_aware and model.router_kwargs()["queue_weight"] == 0.5
 
 
 def test_deployment_names_are_safe_for_serve():
