@@ -37,16 +37,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvmesh.cluster import loadgen
 from kvmesh.cluster.app_config import AppConfig
-from kvmesh.cluster.local_ports import free_loopback_port
+from kvmesh.cluster.local_ports import free_loopback_port as free_port
 from kvmesh.cluster.serve_cmd import engine_threads_per_replica, threads_per_replica
 from kvmesh.cluster.serve_env import apply_serve_process_env
 
 OUT = Path(__file__).parent / "out"
 OVERHEAD = "kvmesh:serving_overhead_seconds"
-
-
-def free_port() -> int:
-    return free_loopback_port()
 
 
 def overhead_buckets(url: str) -> dict[str, dict[float, float]]:

@@ -1,16 +1,14 @@
 """How many torch threads each engine step runs with, when a replica shares its cores.
 
 On a small machine the engine shares the cores with Serve's own processes (proxy, ingress,
-the replica's event loop), which do their work per streamed token. A fixed split wastes
-either way: one engine thread leaves a core idle during a prefill, when Serve has little to
-do; every core for the engine makes the two fight over each decode step, when Serve streams
-a token per running request. ``StepThreads`` sizes each step by its work: a step that
-computes at least ``burst_min_tokens`` tokens (a prefill chunk, a large decode batch) runs
-with ``burst`` threads, a light one with ``base``.
+the replica's event loop), which do their work per streamed token. A config that keeps a
+core for Serve can still lend it to the steps with real work: a step that computes at least
+``burst_min_tokens`` tokens (a prefill chunk, a large decode batch) runs with ``burst``
+threads, a light one with ``base``.
 
-Opt-in (``torch_threads_burst``): ``kvmesh serve`` gives the engine every core for every step,
-which decoded faster at low concurrency on a 2-core AMX machine (see
-``kvmesh.cluster.serve_cmd.engine_threads_per_replica``).
+Opt-in (``torch_threads_burst``). ``kvmesh serve`` gives the engine every core for every step:
+on a 2-core AMX machine that decoded faster at low concurrency than one thread for light
+steps (see ``kvmesh.cluster.serve_cmd.engine_threads_per_replica``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from kvmesh.cluster.local_ports import free_loopback_port as free_port  # noqa: F401  (the tests import it from here)
+
 TINY_BASE = dict(
     vocab_size=320,
     hidden_size=64,
@@ -75,13 +77,6 @@ def random_prompts(seed: int, lengths: list[int], vocab: int = 320) -> list[list
 
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now (outside the ephemeral range)."""
-    from kvmesh.cluster.local_ports import free_loopback_port
-
-    return free_loopback_port()
 
 
 def wait_until_ok(
