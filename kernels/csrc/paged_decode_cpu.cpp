@@ -20,11 +20,13 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "attention_cpu.h"
 #include "elementwise_cpu.h"
+#include "extend_amx.h"
 
 namespace {
 
@@ -36,6 +38,12 @@ constexpr int64_t kItemsPerThread = 8;  // how finely to split when items are sc
 constexpr int64_t kMinParallelBytes = 512 << 10;  // decode: K+V bytes to read
 constexpr int64_t kMinParallelMacs = 4 << 20;     // extend: multiply-adds
 constexpr float kLog2e = 1.4426950408889634f;
+// The AMX extend kernel packs each chunk's keys first; past this many packed elements (K and V
+// each, all chunks of a step) the float32 kernel, which reads the cache in place, runs instead.
+constexpr int64_t kMaxAmxPackedElems = int64_t{64} << 20;
+
+// Whether bfloat16 extend steps may use the AMX kernel (tests switch it to compare paths).
+std::atomic<bool> g_extend_amx{true};
 
 // The cache's element type: float for float32, uint16_t for bfloat16's bits.
 template <class T>
@@ -81,9 +89,11 @@ void run_items(int64_t n, int64_t max_threads, int64_t scratch_floats, F&& work)
   std::atomic<int64_t> next{0};
   const int64_t threads = std::min(max_threads, n);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> scratch(scratch_floats);
+    // Uninitialised: every kernel writes its scratch before reading it, and zeroing the
+    // AMX kernel's ~200 KB per thread per call cost as much as a short chunk's attention.
+    const std::unique_ptr<float[]> scratch(new float[scratch_floats]);
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;)
-      work(i, scratch.data());
+      work(i, scratch.get());
   });
 }
 
@@ -253,6 +263,48 @@ void paged_extend_t(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   // total_cost counts (key, query token, kv head) triples: G x D multiply-adds each for the
   // scores and as many for V.
   const int64_t threads = total_cost * G * D * 2 < kMinParallelMacs ? 1 : at::get_num_threads();
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (g_extend_amx.load(std::memory_order_relaxed) && kvmesh::amx_extend_head_dim_ok(D) &&
+        kvmesh::amx_extend_available()) {
+      // Each chunk's keys (from the first one a window lets it see, in groups of 32) packed
+      // once per kv head, then the same items on the tiles.
+      std::vector<int64_t> key_begin(P), packed_at(P + 1, 0);
+      for (int64_t i = 0; i < P; ++i) {
+        const int64_t first = lens[i] - qlens[i];
+        const int64_t lo = window > 0 ? std::max<int64_t>(0, first - window + 1) : 0;
+        key_begin[i] = lo / 32 * 32;
+        packed_at[i + 1] =
+            packed_at[i] + KVH * kvmesh::amx_packed_elems(key_begin[i], lens[i], D);
+      }
+      if (packed_at[P] <= kMaxAmxPackedElems) {
+        // Uninitialised on purpose: amx_pack_kv writes every element.
+        std::unique_ptr<uint16_t[]> kpack(new uint16_t[packed_at[P]]);
+        std::unique_ptr<uint16_t[]> vpack(new uint16_t[packed_at[P]]);
+        auto head_offset = [&](int64_t seq, int64_t h) {
+          return packed_at[seq] + h * kvmesh::amx_packed_elems(key_begin[seq], lens[seq], D);
+        };
+        run_items(P * KVH, threads, 0, [&](int64_t i, float*) {
+          const int64_t seq = i / KVH, h = i % KVH, at = head_offset(seq, h);
+          kvmesh::amx_pack_kv(c, tables + seq * table_stride, h, key_begin[seq], lens[seq],
+                              kpack.get() + at, vpack.get() + at);
+        });
+        const int64_t scratch_floats = (kvmesh::amx_extend_scratch_bytes(D) + 3) / 4;
+        run_items(static_cast<int64_t>(items.size()), threads, scratch_floats,
+                  [&](int64_t i, float* s) {
+                    const ExtendItem& it = items[i];
+                    const int64_t row = starts[it.seq] + it.first_token;
+                    const int64_t pos = lens[it.seq] - qlens[it.seq] + it.first_token;
+                    const int64_t at = head_offset(it.seq, it.kv_head);
+                    kvmesh::amx_extend_tile(kpack.get() + at, vpack.get() + at,
+                                            key_begin[it.seq], D, G,
+                                            qp + row * q_stride + it.kv_head * G * D, q_stride,
+                                            op + row * out_stride + it.kv_head * G * D,
+                                            out_stride, pos, it.tokens, qscale, window, s);
+                  });
+        return;
+      }
+    }
+  }
   const int64_t scratch = kvmesh::extend_scratch_floats(G, D, tile);
   run_items(static_cast<int64_t>(items.size()), threads, scratch, [&](int64_t i, float* s) {
     const ExtendItem& it = items[i];
@@ -286,7 +338,14 @@ void paged_extend(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
 
 }  // namespace
 
+// Allows (or forbids) the AMX extend kernel for bfloat16 caches; returns the previous setting.
+bool set_extend_amx(bool enabled) { return g_extend_amx.exchange(enabled); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("amx_extend_available", &kvmesh::amx_extend_available,
+        "whether bfloat16 extend attention can run on AMX tiles here");
+  m.def("set_extend_amx", &set_extend_amx,
+        "allow or forbid the AMX extend kernel; returns the previous setting");
   m.def("paged_decode", &paged_decode,
         "one-pass decode attention over a paged float32 or bfloat16 KV cache (GQA, split-K)");
   m.def("paged_extend", &paged_extend,

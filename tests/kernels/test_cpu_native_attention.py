@@ -186,3 +186,61 @@ def test_caches_of_two_dtypes_are_refused(paged_batch):
             0.2,
             0,
         )
+
+
+@pytest.fixture
+def amx_extend():
+    """The AMX extend kernel, on machines that have it (skipped elsewhere: an AVX2 or AVX-512
+    machine without AMX-BF16 compiles it out), switched back to its setting afterwards."""
+    ops = cpu_native.native_ops()
+    if not ops.amx_extend_available():
+        pytest.skip("no AMX-BF16 here (or the OS refused the tile registers)")
+    saved = ops.set_extend_amx(True)
+    yield ops
+    ops.set_extend_amx(saved)
+
+
+def test_amx_extend_is_available_wherever_the_cpu_has_it():
+    """A machine with AMX-BF16 must get the kernel: a build or permission failure would
+    otherwise fall back silently to the 2-4x slower float32 kernel."""
+    flags = cpu_native.cpu_flags().split()
+    if "amx_bf16" not in flags or "avx512_bf16" not in flags:
+        pytest.skip("this CPU has no AMX-BF16")
+    assert cpu_native.native_ops().amx_extend_available()
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), GROUPS)
+@pytest.mark.parametrize(("block_size", "head_dim"), [(16, 64), (1, 64), (32, 128)])
+@pytest.mark.parametrize("window", [None, 1, 300])
+def test_amx_extend_matches_twin_over_several_key_chunks(
+    seed,
+    paged_batch,
+    monkeypatch,
+    more_threads,
+    amx_extend,
+    heads,
+    kv_heads,
+    block_size,
+    head_dim,
+    window,
+):
+    """Chunks longer than the kernel's 256-key softmax pass (the running max and sum carried
+    across passes), prefixes that do not start a 32-key group, windows that cut a group; the
+    queries and probabilities split into bfloat16 parts keep float32-level agreement."""
+    random.seed(seed)
+    chunks = [
+        (random.randrange(0, 40), random.randrange(300, 700)),
+        (random.randrange(250, 600), random.randrange(2, 70)),
+        (0, random.randrange(2, 33)),
+    ]
+    batch = paged_batch(
+        chunks, heads, kv_heads, head_dim, block_size, torch.float32, torch.bfloat16
+    )
+    scale = head_dim**-0.5
+    out = _native(batch, scale, window)
+    _check(out, _reference(batch, scale, window, monkeypatch), seed)
+    amx_extend.set_extend_amx(False)
+    float32_kernel = _native(batch, scale, window)
+    if window != 1:  # (a window of 1 copies V exactly either way)
+        # Different arithmetic, so not the same bits: the AMX path is what ran above.
+        assert not torch.equal(out, float32_kernel)
