@@ -41,7 +41,6 @@ from kvmesh.replicas.async_engine import (
     RequestFailedError,
 )
 from kvmesh.replicas.engine_args import EngineArgs
-from kvmesh.replicas.heap import freeze_startup_heap
 from kvmesh.replicas.outputs import RequestOutput
 from kvmesh.replicas.replica_metrics import ReplicaMetrics
 from kvmesh.replicas.serve_messages import ReplicaChunk, ReplicaError, ReplicaRequest
@@ -437,12 +436,7 @@ class LLMReplica(LLMServer):
     """``LLMServer`` as Serve runs it: Serve awaits ``__del__`` once it has drained the
     replica's ongoing requests, so the engine finishes what it holds before the process ends.
     (Kept off ``LLMServer`` itself: a coroutine ``__del__`` is only right where Serve calls it.)
-    The process is the replica's own, so its start-up heap is frozen (see ``heap.py``).
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        log.info("%s: %d start-up objects frozen", self.replica, freeze_startup_heap())
 
     async def __del__(self) -> None:
         await self.shutdown()

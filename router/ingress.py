@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from kvmesh.replicas.heap import freeze_startup_heap
 from kvmesh.replicas.sampling_params import SamplingParams
 from kvmesh.replicas.serve_messages import ReplicaChunk, ReplicaRequest
 from kvmesh.router import autoscaler_reports, limits, tokenize_api, tool_output
@@ -101,7 +100,6 @@ class Ingress:
         self.limits = self.config.limits
         self.metrics = IngressMetrics()
         self.started = int(time.time())
-        freeze_startup_heap()  # a full collection would stall every stream this loop serves
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
