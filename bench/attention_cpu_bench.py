@@ -13,8 +13,10 @@ one-pass kernel, and ``paged_attention`` through the new kernel and through the 
 
 Extend: one chunk of new tokens, fresh or over a cached prefix (a prefix-cache hit or a
 chunked-prefill continuation), through ``paged_attention`` with the C++ kernel and with the
-torch twin (SDPA); reports milliseconds per call. The metadata is the same for both, so the
-per-step plan is built once and reused, as it is across a model's layers.
+torch twin (SDPA); reports milliseconds per call. On a machine with AMX-BF16 a bfloat16 cache's
+chunks go to the AMX kernel, and the float32-arithmetic kernel it replaces is timed beside it.
+The metadata is the same for all, so the per-step plan is built once and reused, as it is
+across a model's layers.
 
 Prints one JSON document.
 """
@@ -186,13 +188,30 @@ def bench_decode(batches, contexts, min_time, old, kv_dtypes):
     ]
 
 
+@contextlib.contextmanager
+def extend_amx(enabled: bool):
+    """Allow (True) or forbid (False) the AMX extend kernel for bfloat16 caches."""
+    ops = cpu_native.native_ops()
+    saved = ops.set_extend_amx(enabled)
+    try:
+        yield
+    finally:
+        ops.set_extend_amx(saved)
+
+
 def bench_extend(cases, min_time, kv_dtypes):
+    """``native`` is what the engine runs (for a bfloat16 cache on an AMX machine: the AMX
+    kernel); there, ``native_float32_kernel`` is the float32-arithmetic kernel it replaces."""
+    amx = cpu_native.native_ops().amx_extend_available()
     rows = []
     for kv_dtype, (cached, new) in ((d, c) for d in kv_dtypes for c in cases):
         q, cache, meta = make_batch([(cached, new)], kv_dtype)
         row = {"kv_dtype": str(kv_dtype).removeprefix("torch."), "cached": cached, "new": new}
-        for name, on in (("native", True), ("torch_twin", False)):
-            with native(on):
+        variants = [("native", True, True), ("torch_twin", False, True)]
+        if amx and kv_dtype == torch.bfloat16:
+            variants.append(("native_float32_kernel", True, False))
+        for name, on, allow_amx in variants:
+            with native(on), extend_amx(allow_amx):
                 s = seconds_per_call(
                     lambda q=q, cache=cache, meta=meta: torch_ops.paged_attention(
                         q, cache, meta, HEAD_DIM**-0.5
@@ -201,6 +220,9 @@ def bench_extend(cases, min_time, kv_dtypes):
                 )
             row[f"{name}_ms"] = round(s * 1e3, 3)
         row["speedup"] = round(row["torch_twin_ms"] / row["native_ms"], 2)
+        if "native_float32_kernel_ms" in row:
+            ratio = row["native_float32_kernel_ms"] / row["native_ms"]
+            row["amx_vs_float32_kernel"] = round(ratio, 2)
         rows.append(row)
     return rows
 
@@ -229,7 +251,7 @@ def main() -> None:
     min_time = 0.25 if args.quick else 1.0
     batches = [1, 16] if args.quick else [1, 16, 64]
     contexts = [128, 2048] if args.quick else [128, 512, 2048]
-    extend = [(0, 256), (512, 128), (1024, 512), (2000, 48)]
+    extend = [(0, 256), (0, 2048), (512, 128), (1024, 512), (2000, 48)]
     old = None if args.no_old else old_two_pass_kernel()
     with torch.inference_mode():
         result = {
