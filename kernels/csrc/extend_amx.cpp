@@ -7,10 +7,11 @@
 // magnitude more per cycle; oneDNN already runs the linear layers there.
 //
 // Exactness: the cache is bfloat16 already, so K and V lose nothing. The queries (float32 after
-// RoPE) and the probabilities are each split into a bfloat16 high part and a bfloat16 low part
-// (x = hi + lo to ~2^-17 of x) and multiplied twice, so the result stays within float32-ish
-// error of the float32 kernel rather than taking a bfloat16 rounding of q and P; the extra
-// tile products cost little next to the softmax. Sums accumulate in float32 in the tiles.
+// RoPE) are split into three bfloat16 parts (hi + mid + lo, ~2^-25 of q: an error in a score
+// is an error in the exponent, so q needs float32's precision) and the probabilities into two
+// (hi + lo, ~2^-17), each part multiplied in turn, so the result stays within the float32
+// kernel's error rather than taking a bfloat16 rounding of q and P; the extra tile products
+// cost little next to the softmax. Sums accumulate in float32 in the tiles.
 //
 // Shape of one call: up to 64 query rows (tokens x query heads of one kv head) against keys in
 // chunks of 256. Per chunk: scores S = Q K^T into memory (two row blocks x two key blocks per
@@ -46,8 +47,8 @@ constexpr int64_t kTileElems = 512;  // bfloat16 elements in one 16 x 64-byte ti
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// Scratch of one call: queries as bfloat16 hi/lo rows, the chunk's scores, probabilities as
-// bfloat16 hi/lo rows, the rows' float32 sums, m and l.
+// Scratch of one call: queries as bfloat16 hi/mid/lo rows, the chunk's scores, probabilities
+// as bfloat16 hi/lo rows, the rows' float32 sums, m and l.
 struct AmxScratch {
   uint16_t* q[3];  // [kMaxRows][D] each: the scaled queries as hi + mid + lo
   float* s;       // [kMaxRows][nk]: a chunk of nk <= kChunk keys, rows packed densely
@@ -321,7 +322,8 @@ void amx_extend_tile(const uint16_t* kpack, const uint16_t* vpack, int64_t key_b
 
   const int64_t last_pos = first_pos + tokens - 1;
   const int64_t lo_key = window > 0 ? std::max<int64_t>(0, first_pos - window + 1) : 0;
-  const int64_t g_first = (lo_key - key_begin) / kGroup, g_end = (last_pos - key_begin) / kGroup + 1;
+  const int64_t g_first = (lo_key - key_begin) / kGroup;
+  const int64_t g_end = (last_pos - key_begin) / kGroup + 1;
   static const TileConfig config;
   _tile_loadconfig(&config);
   for (int64_t g0 = g_first; g0 < g_end; g0 += kChunk / kGroup) {
