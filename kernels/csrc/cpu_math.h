@@ -22,6 +22,13 @@ namespace kvmesh {
 // the exponent. Below -126 (including -inf, a masked score) the result is exactly 0.
 // V: float, or a vector of floats (GCC vector extension) with I the same-shaped int32 vector:
 // each lane computes what the scalar does.
+// 2^f for f in [-0.5, 0.5]: the Taylor coefficients ln2^k / k!, highest degree first (Horner).
+constexpr int kExp2Degree = 7;
+constexpr float kExp2Taylor[kExp2Degree + 1] = {
+    1.5252733804059841e-05f, 1.5403530393381610e-04f, 1.3333558146428443e-03f,
+    9.6181291076284772e-03f, 5.5504108664821580e-02f, 2.4022650695910071e-01f,
+    6.9314718055994531e-01f, 1.f};
+
 template <class V, class I>
 inline V exp2_nonpos_lanes(V x) {
   const V zero = V{};
@@ -29,14 +36,8 @@ inline V exp2_nonpos_lanes(V x) {
   const V shifted = xc + 12582912.f;
   const V n = shifted - 12582912.f;
   const V f = xc - n;
-  V p = zero + 1.5252733804059841e-05f;  // ln2^7 / 7!
-  p = p * f + 1.5403530393381610e-04f;
-  p = p * f + 1.3333558146428443e-03f;
-  p = p * f + 9.6181291076284772e-03f;
-  p = p * f + 5.5504108664821580e-02f;
-  p = p * f + 2.4022650695910071e-01f;
-  p = p * f + 6.9314718055994531e-01f;
-  p = p * f + 1.f;
+  V p = zero + kExp2Taylor[0];
+  for (int k = 1; k < kExp2Degree + 1; ++k) p = p * f + kExp2Taylor[k];
   I bits;
   std::memcpy(&bits, &shifted, sizeof bits);
   const I exponent = (bits - 0x4B400000 + 127) << 23;  // n + bias, n in [-126, 0]

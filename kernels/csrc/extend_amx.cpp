@@ -225,21 +225,18 @@ inline __m512 exp2_visible(__mmask16 visible, __m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));  // below, 2^x is 0 to float32 anyway
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5252733804059841e-05f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381610e-04f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(kExp2Taylor[0]);
+  for (int k = 1; k < kExp2Degree + 1; ++k)
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Taylor[k]));
   return _mm512_maskz_scalef_ps(visible, p, n);
 }
 
-// 16 bfloat16 at p, widened.
+// 16 bfloat16 at p, widened (cpu_math.h's load16, as an intrinsics vector).
 inline __m512 bf16_row(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  const vec16 v = load16(p);
+  __m512 r;
+  std::memcpy(&r, &v, sizeof r);
+  return r;
 }
 
 // p as bfloat16 hi + lo at hi, lo (16 each): hi rounds p, lo rounds what hi missed.

@@ -268,20 +268,21 @@ void paged_extend_t(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
         kvmesh::amx_extend_available()) {
       // Each chunk's keys (from the first one a window lets it see, in groups of 32) packed
       // once per kv head, then the same items on the tiles.
-      std::vector<int64_t> key_begin(P), packed_at(P + 1, 0);
+      // Sequence i's packed keys: kv head h's at packed_at[i] + h * head_elems[i].
+      std::vector<int64_t> key_begin(P), head_elems(P), packed_at(P + 1, 0);
       for (int64_t i = 0; i < P; ++i) {
         const int64_t first = lens[i] - qlens[i];
         const int64_t lo = window > 0 ? std::max<int64_t>(0, first - window + 1) : 0;
         key_begin[i] = lo / 32 * 32;
-        packed_at[i + 1] =
-            packed_at[i] + KVH * kvmesh::amx_packed_elems(key_begin[i], lens[i], D);
+        head_elems[i] = kvmesh::amx_packed_elems(key_begin[i], lens[i], D);
+        packed_at[i + 1] = packed_at[i] + KVH * head_elems[i];
       }
       if (packed_at[P] <= kMaxAmxPackedElems) {
         // Uninitialised on purpose: amx_pack_kv writes every element.
         std::unique_ptr<uint16_t[]> kpack(new uint16_t[packed_at[P]]);
         std::unique_ptr<uint16_t[]> vpack(new uint16_t[packed_at[P]]);
         auto head_offset = [&](int64_t seq, int64_t h) {
-          return packed_at[seq] + h * kvmesh::amx_packed_elems(key_begin[seq], lens[seq], D);
+          return packed_at[seq] + h * head_elems[seq];
         };
         run_items(P * KVH, threads, 0, [&](int64_t i, float*) {
           const int64_t seq = i / KVH, h = i % KVH, at = head_offset(seq, h);
