@@ -96,22 +96,30 @@ inline void accumulate_v(float* __restrict__ acc, const float* __restrict__ p,
   }
 }
 
-// Asks for the K and V rows of the tile starting at key t0 (heads [h0, h1)) while this one is
-// computed. Blocks sit in random order in the pool, so the hardware prefetchers lose the
-// stream at every block; this keeps a tile's worth of misses in flight ahead of the math.
+// Keys in the decode tile that starts at key t0: a tile never crosses a block, so token j's
+// rows of heads [h0, h1) are one contiguous run, `stride` elements after token j - 1's.
+template <class T>
+inline int64_t tile_length(const PagedCache<T>& c, int64_t t0, int64_t end) {
+  return std::min({end - t0, c.block_size - t0 % c.block_size, kDecodeTile});
+}
+
+// Asks for the K and V rows of the tile starting at key t0 (heads [h0, h1)), into L2. Blocks
+// sit in random order in the pool, so the hardware prefetchers lose the stream at every
+// block. Into L2, not L1: the tile being computed fills most of L1, and a tile prefetched
+// into it would evict that tile's V before it is read.
 template <class T>
 inline void prefetch_tile(const PagedCache<T>& c, const int32_t* table, int64_t h0, int64_t h1,
                           int64_t t0, int64_t end) {
   const int64_t D = c.head_dim, BS = c.block_size, stride = c.kv_heads * D;
   const int64_t blk = t0 / BS, off = t0 - blk * BS;
-  const int64_t n = std::min({end - t0, BS - off, kDecodeTile});
+  const int64_t n = tile_length(c, t0, end);
   const int64_t base = (static_cast<int64_t>(table[blk]) * BS + off) * stride + h0 * D;
   const int64_t width = (h1 - h0) * D;  // contiguous elements per token
   constexpr int64_t kLine = 64 / sizeof(T);
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t d = 0; d < width; d += kLine) {
-      __builtin_prefetch(c.k + base + j * stride + d);
-      __builtin_prefetch(c.v + base + j * stride + d);
+      prefetch_l2(c.k + base + j * stride + d);
+      prefetch_l2(c.v + base + j * stride + d);
     }
   }
 }
@@ -218,13 +226,20 @@ void decode_range_t(const PagedCache<T>& c, const int32_t* table, int64_t h0, in
   float* kbuf = s + (h1 - h0) * G * kDecodeTile;  // generic path: a bfloat16 tile, widened
   float* vbuf = kbuf + kDecodeTile * D;
   for (int64_t t0 = begin; t0 < end;) {
-    // A tile never crosses a block: token j's rows of heads [h0, h1) are one contiguous run,
-    // `stride` elements after token j - 1's.
     const int64_t blk = t0 / BS, off = t0 - blk * BS;
-    const int64_t n = std::min({end - t0, BS - off, kDecodeTile});
+    const int64_t n = tile_length(c, t0, end);
     // 64-bit offsets: block ids times strides overflow int32 on large caches.
     const int64_t base = (static_cast<int64_t>(table[blk]) * BS + off) * stride + h0 * D;
-    if (t0 + n < end) prefetch_tile(c, table, h0, h1, t0 + n, end);
+    // The next two tiles, every tile: each is asked for twice, two tiles ahead and again one
+    // ahead (asking once, or one tile ahead, gained about half as much). Measured on a
+    // 2-core AMD EPYC (Zen 4), 10 layers of 64 sequences x 512 keys, blocks scattered
+    // through the pool as they are after a while of serving: 1.3x faster per call, float32
+    // and bfloat16; blocks in order (a fresh pool) 1.05-1.1x.
+    if (t0 + n < end) {
+      const int64_t next = tile_length(c, t0 + n, end);
+      if (t0 + n + next < end) prefetch_tile(c, table, h0, h1, t0 + n + next, end);
+      prefetch_tile(c, table, h0, h1, t0 + n, end);
+    }
     // Query heads h * G + g share kv head h (GQA): row r = h * G + g, scores at
     // s[r * kDecodeTile + j].
     if constexpr (DT > 0 && DT % kLanes == 0) {

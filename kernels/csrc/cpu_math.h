@@ -1,5 +1,6 @@
 // Small vector helpers shared by the CPU kernels: a 16-float GCC vector type, a horizontal sum,
-// a vectorisable 2^x for x <= 0, and bfloat16 (stored as uint16_t) to and from float. Header-only (inline) so each kernel inlines them.
+// a vectorisable 2^x for x <= 0, a prefetch the vectoriser keeps, and bfloat16 (stored as
+// uint16_t) to and from float. Header-only (inline) so each kernel inlines them.
 //
 // The kernels are built with -O3 -march=native but without -ffast-math (see attention_cpu.cpp),
 // so these spell out the vectorisation that flag would otherwise buy.
@@ -13,6 +14,17 @@
 #endif
 
 namespace kvmesh {
+
+// Asks for the cache line at p, into L2 (prefetcht1). Not __builtin_prefetch: GCC's
+// vectoriser deletes prefetch calls from the loops it vectorises (GCC 12 kept none of the
+// decode kernel's), and inline assembly is opaque to it.
+inline void prefetch_l2(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
 
 // 2^x for x <= 0 (a score minus a running max), vectorisable. libm's expf is a scalar call
 // without -ffast-math, and a decode step does one per (query head, key): at ~10 ns each that
