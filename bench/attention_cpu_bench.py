@@ -3,13 +3,18 @@ twin (SDPA over gathered K/V), on SmolLM2 shapes (9 query heads, 3 KV heads, hea
 block 16), float32 queries over a float32 and a bfloat16 cache (the bfloat16 model's).
 
     flock /tmp/kvmesh-bench.lock .venv/bin/python bench/attention_cpu_bench.py [--quick] \
-        [--kv-dtypes float32,bfloat16]
+        [--kv-dtypes float32,bfloat16] [--layers 10]
 
 Decode: one query token per sequence, batch 1/16/64 x context 128/512/2048; reports GB/s as
 the bytes of K+V the step has to read (context x KV heads x head dim x element size x 2) over
 the time of one call: the old two-pass kernel (built from git for the comparison only; float32
 caches only), the new
 one-pass kernel, and ``paged_attention`` through the new kernel and through the torch twin.
+
+Decode as a model runs it (``decode_model``): ``--layers`` caches (default 10), one call per
+layer in turn, for 64 x 512 and 16 x 2,048, with blocks scattered through the pool (as after a
+while of serving) and in order (a fresh pool). One layer's cache alone is partly still in the
+last-level cache on the next call; ten are not, as in a model's step.
 
 Extend: one chunk of new tokens, fresh or over a cached prefix (a prefix-cache hit or a
 chunked-prefill continuation), through ``paged_attention`` with the C++ kernel and with the
@@ -42,12 +47,19 @@ from kvmesh.kernels.metadata import AttentionMetadata, KVCacheLayer
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 
 
-def make_batch(chunks: list[tuple[int, int]], kv_dtype: torch.dtype = torch.float32, seed: int = 0):
-    """Sequences of ``(cached, new)`` tokens with blocks scattered through a random pool."""
+def make_batch(
+    chunks: list[tuple[int, int]],
+    kv_dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    scattered: bool = True,
+):
+    """Sequences of ``(cached, new)`` tokens with blocks scattered through a random pool
+    (``scattered=False``: each sequence's blocks in order, as a fresh pool hands them out)."""
     g = torch.Generator().manual_seed(seed)
     needed = [-(-(c + n) // BLOCK) for c, n in chunks]
     num_blocks = sum(needed) + 1
-    order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    ids = torch.randperm(num_blocks - 1, generator=g) if scattered else torch.arange(num_blocks - 1)
+    order = (ids + 1).tolist()
     shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
     cache = KVCacheLayer(
         torch.randn(shape, generator=g).to(kv_dtype), torch.randn(shape, generator=g).to(kv_dtype)
@@ -188,6 +200,48 @@ def bench_decode(batches, contexts, min_time, old, kv_dtypes):
     ]
 
 
+def decode_model_row(
+    b: int, ctx: int, layers: int, kv_dtype: torch.dtype, scattered: bool, min_time: float
+) -> dict:
+    """Decode as a model runs it: one call per layer, each layer its own cache, so the K/V a
+    call reads come from memory, not from the last-level cache (a single layer's 48 MiB is
+    partly still there on the next call; ``layers`` x 48 MiB is not)."""
+    ops = cpu_native.native_ops()
+    batches = [
+        make_batch([(ctx - 1, 1)] * b, kv_dtype, seed=i, scattered=scattered) for i in range(layers)
+    ]
+    tokens = torch.arange(b, dtype=torch.int32)
+    outs = [torch.empty_like(q) for q, _, _ in batches]
+
+    def model_step() -> None:
+        for (q, cache, meta), out in zip(batches, outs, strict=True):
+            ops.paged_decode(
+                out, q, cache.k, cache.v, meta.block_tables, meta.seq_lens, tokens,
+                HEAD_DIM**-0.5, 0,
+            )  # fmt: skip
+
+    per_call = seconds_per_call(model_step, min_time * layers / 4) / layers
+    kv_bytes = b * ctx * KV_HEADS * HEAD_DIM * batches[0][1].k.element_size() * 2
+    return {
+        "kv_dtype": str(kv_dtype).removeprefix("torch."),
+        "batch": b,
+        "context": ctx,
+        "layers": layers,
+        "blocks": "scattered" if scattered else "in order",
+        "us_per_layer": round(per_call * 1e6, 1),
+        "gbps": round(kv_bytes / per_call / 1e9, 2),
+    }
+
+
+def bench_decode_model(layers: int, min_time: float, kv_dtypes) -> list[dict]:
+    return [
+        decode_model_row(b, ctx, layers, kv_dtype, scattered, min_time)
+        for kv_dtype in kv_dtypes
+        for b, ctx in [(64, 512), (16, 2048)]
+        for scattered in (True, False)
+    ]
+
+
 @contextlib.contextmanager
 def extend_amx(enabled: bool):
     """Allow (True) or forbid (False) the AMX extend kernel for bfloat16 caches."""
@@ -242,6 +296,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--no-old", action="store_true", help="skip the old two-pass kernel")
     ap.add_argument("--kv-dtypes", default="float32,bfloat16", help="cache dtypes, comma-separated")
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=10,
+        help="layers of the model-like decode case, each with its own cache (0: skip it)",
+    )
     args = ap.parse_args()
     kv_dtypes = [getattr(torch, name) for name in args.kv_dtypes.split(",")]
     if args.threads:
@@ -262,6 +322,9 @@ def main() -> None:
             "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block": BLOCK},
             "old_kernel": f"{OLD_COMMIT}:kernels/csrc/paged_decode_cpu.cpp" if old else None,
             "decode": bench_decode(batches, contexts, min_time, old, kv_dtypes),
+            "decode_model": bench_decode_model(args.layers, min_time, kv_dtypes)
+            if args.layers
+            else [],
             "extend": bench_extend(extend[1:] if args.quick else extend, min_time, kv_dtypes),
         }
     print(json.dumps(result, indent=1))
