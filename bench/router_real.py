@@ -49,6 +49,8 @@ Run on an idle machine; it takes ~5 minutes per router with the defaults:
 
     .venv/bin/python bench/router_real.py                 # all seven routers
     .venv/bin/python bench/router_real.py --smoke         # a short wiring check
+    .venv/bin/python bench/router_real.py --rounds 3 --routers prefix_aware,ray_prefix_affinity
+                                                          # repeats, alternated, with medians
 
 Writes bench/out/router_real.json and .md.
 """
@@ -60,6 +62,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from collections import Counter
@@ -465,11 +468,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs: dict[str, Any] = {}
+    # Rounds alternate the routers (a b c, a b c, ...) so that a slow spell of the machine
+    # falls on every router rather than on one router's repeats.
+    order = [
+        (router, router if r == 1 else f"{router}{ROUND_MARK}{r}")
+        for r in range(1, args.rounds + 1)
+        for router in args.routers
+    ]
     try:
-        for router in args.routers:
+        for router, key in order:
             if router in router_peers.PEERS:
-                runs[router] = run_peer(args, router, port, work)
-                print(f"{router}: {one_line(runs[router])}", flush=True)
+                runs[key] = run_peer(args, router, port, work)
+                print(f"{key}: {one_line(runs[key])}", flush=True)
                 continue
             config = app_config(args, router, port)
             started = time.perf_counter()
@@ -485,8 +495,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             summary = summarize(
                 sent, duration, before, metric_sums(url), system_prompt_tokens(work)
             )
-            runs[router] = summary
-            print(f"{router}: {one_line(summary)}", flush=True)
+            runs[key] = summary
+            print(f"{key}: {one_line(summary)}", flush=True)
             serve.delete(config.name)
     finally:
         serve.shutdown()
@@ -506,6 +516,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 SUCCESS = "kvmesh:request_success_total"
+ROUND_MARK = " #"
+"""Run keys: ``router`` for the first round, ``router #k`` for round k."""
+
+
+def router_of(key: str) -> str:
+    return key.partition(ROUND_MARK)[0]
+
+
+def round_summary(runs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per router over its rounds: the median and range of TTFT p90 / p99 (ms) and of request
+    throughput, and the p90's spread (half the range over the median, the issue's ±)."""
+    by_router: dict[str, list[dict[str, Any]]] = {}
+    for key, s in runs.items():
+        by_router.setdefault(router_of(key), []).append(s)
+    out = {}
+    for router, summaries in by_router.items():
+        row: dict[str, Any] = {"rounds": len(summaries)}
+        for name, values in (
+            ("p90_ms", [s["ttft_ms"]["p90"] for s in summaries]),
+            ("p99_ms", [s["ttft_ms"]["p99"] for s in summaries]),
+            ("req_per_s", [s["request_throughput"] for s in summaries]),
+        ):
+            values = sorted(v for v in values if v is not None)
+            if values:
+                row[name] = {
+                    "median": statistics.median(values),
+                    "min": values[0],
+                    "max": values[-1],
+                }
+        if p90 := row.get("p90_ms"):
+            row["p90_spread"] = (p90["max"] - p90["min"]) / 2 / p90["median"]
+        out[router] = row
+    return out
 
 
 def run_peer(args: argparse.Namespace, router: str, port: int, work: Workload) -> dict[str, Any]:
@@ -643,14 +686,42 @@ def markdown(report: dict[str, Any]) -> str:
         for name in peers:
             if source := runs[name].get("requests_per_replica_source"):
                 lines.append(f"- {name}: per-replica counts from {source}")
-    if "prefix_aware" in runs:
-        ours = runs["prefix_aware"]["ttft_ms"]["p90"]
+    rounds = round_summary(runs)
+    if report["args"].get("rounds", 1) > 1:
+        lines += [
+            "",
+            "Over the rounds (median [min-max]; spread = half the range / median):",
+            "",
+            "| router | rounds | TTFT p90 ms | spread | TTFT p99 ms | req/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for router, row in rounds.items():
+            p90, p99, rps = row.get("p90_ms"), row.get("p99_ms"), row.get("req_per_s")
+            lines.append(
+                f"| {router} | {row['rounds']} | {_mm(p90, '.0f')} | "
+                f"{row.get('p90_spread', 0):.0%} | {_mm(p99, '.0f')} | {_mm(rps, '.2f')} |"
+            )
+    if "prefix_aware" in rounds:
+        ours = rounds["prefix_aware"]
         lines.append("")
         for other in (*router_peers.PEERS, "ray_prefix_affinity", "power_of_two", "round_robin"):
-            theirs = runs.get(other, {}).get("ttft_ms", {}).get("p90")
-            if ours and theirs:
-                lines.append(f"- TTFT p90 prefix_aware / {other}: {ours / theirs:.2f}x")
+            theirs = rounds.get(other)
+            if theirs is None:
+                continue
+            for metric in ("p90_ms", "p99_ms", "req_per_s"):
+                a, b = ours.get(metric), theirs.get(metric)
+                if a and b and b["median"]:
+                    lines.append(
+                        f"- {metric} prefix_aware / {other} (medians): "
+                        f"{a['median'] / b['median']:.2f}x"
+                    )
     return "\n".join(lines) + "\n"
+
+
+def _mm(row: dict[str, float] | None, fmt: str) -> str:
+    if row is None:
+        return "-"
+    return f"{row['median']:{fmt}} [{row['min']:{fmt}}-{row['max']:{fmt}}]"
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -692,6 +763,13 @@ def main(argv: list[str] | None = None) -> int:
         help="named RouterConfig overrides on top of --prefix-aware-options, each run as "
         "router 'prefix_aware:<name>' (e.g. '{\"flatkv\": {\"kv_penalty_by_miss\": false}}')",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the router list this many times, alternated; the report adds each router's "
+        "median and range over its rounds",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks the wiring")
     p.add_argument("--out", default=str(OUT / "router_real"), help="output path stem")
     args = p.parse_args(argv)
@@ -707,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     for router in set(args.routers) & set(router_peers.PEERS):
         router_peers.binary(router)  # installed? Say so now, not after the first runs
     report = run(args)
+    report["rounds"] = round_summary(report["runs"])
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
