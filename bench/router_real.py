@@ -686,8 +686,8 @@ def markdown(report: dict[str, Any]) -> str:
         for name in peers:
             if source := runs[name].get("requests_per_replica_source"):
                 lines.append(f"- {name}: per-replica counts from {source}")
-    rounds = round_summary(runs)
-    if report["args"].get("rounds", 1) > 1:
+    rounds = report["rounds"]
+    if report["args"]["rounds"] > 1:
         lines += [
             "",
             "Over the rounds (median [min-max]; spread = half the range / median):",
@@ -773,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks the wiring")
     p.add_argument("--out", default=str(OUT / "router_real"), help="output path stem")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.smoke:
         args.system_tokens, args.tenants, args.window_s = (128, 256), 2, 10.0
         args.session_rate, args.think_s = 0.5, 0.5
