@@ -36,7 +36,8 @@ not acknowledge; the router's own requests count for ``pending_ttl_s``), ``ours_
 prefill terms in tokens rather than at each replica's reported, measured prefill rate; every
 simulated replica has the same cost model, so the measured rates differ only by step mix);
 ``ours_flat_kv`` (``kv_penalty_by_miss`` off: the whole KV penalty whatever share of the
-prompt the replica already holds).
+prompt the replica already holds); ``ours_no_copy`` (``copy_penalty`` 0: copying a prefix
+another replica holds costs what any miss does).
 
 Writes ``bench/out/router_sim.json`` and ``bench/out/router_sim.png`` (TTFT p90 and prefix hit
 rate against request rate).
@@ -299,11 +300,17 @@ class SimReplica:
             "pending_prefill_tokens": self.pending_prefill_tokens(),
             "prefix_cache_queries": self.queries,
             "prefix_cache_hits": self.hits,
+            "kv_blocks_total": self.cm.kv_blocks,
         }
 
     def exact_load(self) -> ReplicaLoad:
         resident = len(self.decoding) + len(self.prefilling) + len(self.waiting)
-        return ReplicaLoad(self.pending_prefill_tokens(), resident, self.used / self.cm.kv_blocks)
+        return ReplicaLoad(
+            self.pending_prefill_tokens(),
+            resident,
+            self.used / self.cm.kv_blocks,
+            kv_blocks_total=self.cm.kv_blocks,
+        )
 
     # -- stepping ---------------------------------------------------------------------------
     def arrive(self, req: SimRequest, now: float) -> float | None:
@@ -607,6 +614,8 @@ VARIANTS = {
     "ours_no_rate": ({"rate_aware": False}, 1, True),
     # The flat KV penalty of earlier versions (not scaled by the prompt's uncached share).
     "ours_flat_kv": ({"kv_penalty_by_miss": False}, 1, True),
+    # A copy of a prefix another replica holds priced like any miss (no copy_penalty).
+    "ours_no_copy": ({"copy_penalty": 0.0}, 1, True),
 }
 """Ablations of ``ours``: RouterConfig overrides, number of routers, replicas acknowledge."""
 

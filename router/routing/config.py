@@ -41,6 +41,30 @@ class RouterConfig(BaseModel):
             "queues grow behind hot replicas."
         ),
     )
+    copy_penalty: float = Field(
+        default=2.0,
+        ge=0.0,
+        description=(
+            "Extra weight of each missed prompt token that another candidate replica already "
+            "holds (the request would copy a cached prefix there), when the copy would take "
+            "``copy_full_share`` of the replica's KV cache or more; proportionally less for a "
+            "smaller copy. Needs the replica's cache size in its report (``kv_blocks_total``). "
+            "Issue #15: on the 2-replica CPU run at 0.2 sessions/s (384 blocks per replica, "
+            "four tenants' 1-3k-token system prompts) a new session of the popular tenant was "
+            "copied to the other replica to skip a cold 3k-token prefill; the copy crowded "
+            "that cache for the rest of the run. With 2: TTFT p90 median 2.10 s over 3 "
+            "alternated rounds against 2.36 s with 0 (0.89x), no turn moved (3-7 before), one "
+            "system-prompt refill per run (the peers' count). In the 16/64-replica sim (2,900 "
+            "blocks, where a copy takes 2-9 % of a cache) the rate at the 2 s TTFT SLO moved "
+            "+1 %/+2 % (16, seeds 0/1) and -3 %/+4 %/-5 % (64, seeds 0-2): within seed noise."
+        ),
+    )
+    copy_full_share: float = Field(
+        default=0.15,
+        gt=0.0,
+        le=1.0,
+        description="Share of a replica's KV cache at which a copy pays the full copy_penalty.",
+    )
     queue_weight: float = Field(
         default=1.0,
         ge=0.0,

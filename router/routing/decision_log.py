@@ -57,6 +57,8 @@ class CandidateTerms:
     decode_step_s: float | None = None
     rate_factor: float = 1.0
     """What the prefill terms (``miss_cost``, ``queue_cost``) were multiplied by."""
+    kv_blocks_total: int = 0
+    """The replica's reported KV cache size (0: none reported); prices a copy's miss."""
 
 
 @dataclass
@@ -86,8 +88,9 @@ def candidate_terms(decision: Decision, num_prompt_tokens: int, config: RouterCo
     """Each candidate's cost split into its terms (the policy's formula, term by term)."""
     out = []
     factors = rate_factors(decision.candidates, config)
+    best_hit = max((c.hit_tokens for c in decision.candidates), default=0)
     for cand, factor in zip(decision.candidates, factors, strict=True):
-        terms = cost_terms(num_prompt_tokens, cand, config, factor)
+        terms = cost_terms(num_prompt_tokens, cand, config, factor, best_hit)
         out.append(
             CandidateTerms(
                 replica=str(cand.replica),
@@ -104,6 +107,7 @@ def candidate_terms(decision: Decision, num_prompt_tokens: int, config: RouterCo
                 prefill_tokens_per_s=cand.load.prefill_tokens_per_s,
                 decode_step_s=cand.load.decode_step_s,
                 rate_factor=factor,
+                kv_blocks_total=cand.load.kv_blocks_total,
             )
         )
     return out

@@ -14,7 +14,7 @@ fallback: a routed request counts for ``pending_ttl_s``, about the time until a 
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvmesh.router.routing.config import RouterConfig
 from kvmesh.router.routing.wire import LoadReport
@@ -37,6 +37,8 @@ class ReplicaLoad:
     """The replica's measured prefill rate (None: not reported / not yet measured)."""
     decode_step_s: float | None = None
     """The replica's recent decode step time (None: not reported); logged, not priced."""
+    kv_blocks_total: int = 0
+    """The replica's KV cache size in blocks (0: not reported)."""
 
 
 @dataclass
@@ -89,7 +91,9 @@ class LoadTracker:
         else:
             queued = float(load.num_requests_waiting * self.config.waiting_request_tokens)
         resident = float(load.num_requests_running + load.num_requests_waiting)
-        state.base = ReplicaLoad(queued, resident, load.kv_cache_usage, *rates)
+        state.base = ReplicaLoad(
+            queued, resident, load.kv_cache_usage, *rates, load.kv_blocks_total or 0
+        )
         acked = acks.get(self.router_id)
         if acked is None:
             return
@@ -133,9 +137,7 @@ class LoadTracker:
         for request_id in stale:
             del state.pending[request_id]
             self._where.pop(request_id, None)
-        return ReplicaLoad(
-            queued, resident, base.kv_usage, base.prefill_tokens_per_s, base.decode_step_s
-        )
+        return replace(base, queued_tokens=queued, resident=resident)
 
     def num_pending(self, replica: Hashable | None = None) -> int:
         if replica is None:

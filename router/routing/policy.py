@@ -1,6 +1,7 @@
 """The routing decision: score every replica by the work the request would cost there.
 
 ``cost = rate_factor * (miss_weight * uncached prompt tokens``
+``                      + copy_penalty * min(1, copied / (copy_full_share * cache)) * copied``
 ``                      + queue_weight * prefill tokens queued there``
 ``                      + (queue_over_factor - 1) * queue_weight * queued past queue_soft_limit)``
 ``     + decode_weight * requests resident there``
@@ -13,9 +14,17 @@ queued token because a miss also takes cache space from the replica's other conv
 optionally (``queue_soft_limit``, off by default) queued tokens past a limit weigh as much as
 missed ones, so a hot prefix spreads to a second replica once its owner's queue is long, and
 returns when the queue drains. "Uncached" counts the prefix the replica is predicted to still
-hold when the request is admitted (``PrefixIndex.surviving``), not just what it reported. The
-third term prices the decode work sharing every step with us and the conversations likely to
-return there. The fourth keeps requests away from a replica about to evict or preempt, in
+hold when the request is admitted (``PrefixIndex.surviving``), not just what it reported.
+
+"Copied" tokens are the uncached ones another candidate holds: sending the request here would
+copy a cached prefix to a second replica, where it takes cache space for as long as traffic
+follows it and lets that prefix's traffic split between the two. Where the copy is a large share
+of the receiving cache (small caches, long shared prompts) it displaces other tenants' prefixes
+for good, so each copied token pays up to ``copy_penalty`` more; in a large cache the same copy
+is nearly free.
+
+The decode term prices the work sharing every step with us and the conversations likely to
+return there. The KV term keeps requests away from a replica about to evict or preempt, in
 proportion to the new blocks the request would take there: a turn whose prompt the replica
 already holds (in blocks its running requests share) adds little to its KV pressure, and
 moving it to an empty replica would cost its whole prefill.
@@ -145,6 +154,23 @@ def kv_term(kv_usage: float, config: RouterConfig, new_share: float = 1.0) -> fl
     return config.kv_penalty * min(x, 1.0) ** 2 * scale
 
 
+def miss_term(
+    num_prompt_tokens: int, cand: Candidate, best_hit_tokens: int, config: RouterConfig
+) -> float:
+    """The miss term (before the rate factor): ``miss_weight`` per uncached token, plus
+    ``copy_penalty`` per token another candidate holds (up to ``best_hit_tokens``: the request
+    would copy a cached prefix to a second replica), scaled by the copy's share of this
+    replica's cache over ``copy_full_share`` (capped at 1; 0 when the size is not reported)."""
+    miss = max(num_prompt_tokens - cand.hit_tokens, 0)
+    cost = config.miss_weight * miss
+    cache_tokens = cand.load.kv_blocks_total * config.block_size
+    if config.copy_penalty <= 0.0 or cache_tokens <= 0:
+        return cost
+    copied = min(max(min(best_hit_tokens, num_prompt_tokens) - cand.hit_tokens, 0), miss)
+    share = copied / (cache_tokens * config.copy_full_share)
+    return cost + config.copy_penalty * min(share, 1.0) * copied
+
+
 @dataclass(frozen=True)
 class CostTerms:
     """One candidate's cost, term by term (token equivalents)."""
@@ -160,13 +186,18 @@ class CostTerms:
 
 
 def cost_terms(
-    num_prompt_tokens: int, cand: Candidate, config: RouterConfig, rate_factor: float = 1.0
+    num_prompt_tokens: int,
+    cand: Candidate,
+    config: RouterConfig,
+    rate_factor: float = 1.0,
+    best_hit_tokens: int = 0,
 ) -> CostTerms:
-    """The cost of sending a prompt of ``num_prompt_tokens`` tokens to ``cand``."""
+    """The cost of sending a prompt of ``num_prompt_tokens`` tokens to ``cand``, when the
+    candidate holding most of it holds ``best_hit_tokens``."""
     miss = max(num_prompt_tokens - cand.hit_tokens, 0)
     new_share = miss / num_prompt_tokens if num_prompt_tokens else 1.0
     return CostTerms(
-        miss=rate_factor * config.miss_weight * miss,
+        miss=rate_factor * miss_term(num_prompt_tokens, cand, best_hit_tokens, config),
         queue=rate_factor * queue_term(cand.load.queued_tokens, config),
         decode=config.decode_weight * cand.load.resident,
         kv=kv_term(cand.load.kv_usage, config, new_share),
@@ -187,12 +218,13 @@ def decide(
     hits: dict[Hashable, int] = {}
     loads: dict[Hashable, float] = {}
     factors = rate_factors(candidates, config)
+    best_hit = max(c.hit_tokens for c in candidates)
     for c, factor in zip(candidates, factors, strict=True):
         # The guard and tie-breaks compare the linear load in tokens; the cost uses the queue
         # term, both prefill terms priced at the replica's rate.
         loads[c.replica] = load_term(c.load, config)
         hits[c.replica] = c.hit_tokens
-        costs[c.replica] = cost_terms(num_prompt_tokens, c, config, factor).total
+        costs[c.replica] = cost_terms(num_prompt_tokens, c, config, factor, best_hit).total
 
     order = sorted(costs, key=costs.__getitem__)
     best_cost = costs[order[0]]

@@ -44,6 +44,7 @@ def candidates_of(record: DecisionRecord, config: RouterConfig | None = None) ->
                 c.kv_usage,
                 c.prefill_tokens_per_s,
                 c.decode_step_s,
+                c.kv_blocks_total,
             ),
         )
         for c in record.candidates

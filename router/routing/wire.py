@@ -72,6 +72,7 @@ class LoadReport(BaseModel):
         ge=0,
         description="Prompt tokens admitted but not yet prefilled (waiting + partly prefilled).",
     )
+    kv_blocks_total: int | None = Field(default=None, ge=0, description="KV cache size.")
     prefix_cache_queries: int | None = Field(default=None, ge=0)
     prefix_cache_hits: int | None = Field(default=None, ge=0)
 

@@ -20,6 +20,14 @@ arrivals and replica reports against the Ray-free core.
     1.0, paid the whole KV penalty (4,096) and went to the idle replica, where it prefilled all
     1,625 tokens (6.7 s). ``kv_penalty_by_miss`` (on) scales the penalty by the share of the
     prompt that would take new blocks.
+(e) A copy to dodge a passing queue: at 0.2 sessions/s, in 2 of 3 rounds a new session of the
+    popular tenant (1,024 of its 1,143 tokens cached on its replica) went to the other replica
+    because its own was prefilling another tenant's cold 3,183-token prompt. That request won
+    ~2 s; but the prefix now lived on both replicas, the tenant's traffic split between them,
+    and the other replica held three tenants' system prompts (5,128 tokens) in a 6,144-token
+    cache and evicted for the rest of the run (TTFT p90 1.2-1.3x the peer routers', which
+    never moved it). ``copy_penalty`` prices a miss on tokens another replica holds by the
+    share of the receiving cache the copy takes.
 """
 
 from __future__ import annotations
@@ -366,3 +374,79 @@ def test_a_cold_prompt_still_avoids_the_full_replica():
         d = _route(_full_home(kv_penalty_by_miss=by_miss), cold)
         assert d.best == "idle", d.costs
         assert d.costs["home"] - d.costs["idle"] == 24 * 5 + 4096
+
+
+# ---- (e) copying a cached prefix into a small cache -------------------------------------------
+POPULAR = prompt(0, 1024, suffix=7)
+"""A new session of the popular tenant: its 1,024-token system prompt, then its own message."""
+
+
+def _owner_busy_with_a_cold_prompt(kv_blocks_total, **overrides):
+    """As logged at t = 43.5 s: "owner" holds the tenant's prompt and is working off another
+    tenant's cold prompt (2,400 prefill tokens still queued, 2 requests resident); "other"
+    holds a different tenant and runs one conversation. Both report their cache size."""
+    clock = FakeClock()
+    core = make_core(clock, **overrides)
+    owner, other = FakeReplica("owner", clock), FakeReplica("other", clock)
+    core.set_replicas(["owner", "other"])
+    owner.load = idle_load(
+        num_requests_running=1,
+        num_requests_waiting=1,
+        pending_prefill_tokens=2400,
+        kv_blocks_total=kv_blocks_total,
+    )
+    other.load = idle_load(num_requests_running=1, kv_blocks_total=kv_blocks_total)
+    core.apply_report("owner", owner.report(stored(hashes(prompt(0, 1024)))))
+    core.apply_report("other", other.report(stored(hashes(prompt(1, 1712)))))
+    return core
+
+
+def test_popular_prefix_is_not_copied_into_a_small_cache_to_dodge_a_queue():
+    old = _route(_owner_busy_with_a_cold_prompt(384, copy_penalty=0.0), POPULAR)
+    assert old.best == "other", old.costs  # the logged move
+    new = _route(_owner_busy_with_a_cold_prompt(384), POPULAR)  # the default
+    assert new.best == "owner" and new.reason == "cache_hit", new.costs
+    # The 1,024 copied tokens would take a sixth of the other replica's 6,144-token cache (past
+    # copy_full_share 0.15): each pays copy_penalty 2 on top of miss_weight 2.
+    assert new.costs["other"] - old.costs["other"] == 2 * 1024
+    assert new.costs["owner"] == old.costs["owner"]  # the holder copies nothing
+
+
+def test_the_same_copy_into_a_large_cache_or_an_unreported_one_still_moves():
+    """A copy of the same 64 blocks takes 2 % of a 2,900-block cache (the sim's replicas): it
+    pays 2 x 1,024 x 0.022 / 0.15 and the request still skips the queue. A replica that does
+    not report its size (older version) pays nothing extra."""
+    big = _route(_owner_busy_with_a_cold_prompt(2900), POPULAR)
+    assert big.best == "other", big.costs
+    share = 1024 / (2900 * BS * 0.15)
+    legacy = _route(_owner_busy_with_a_cold_prompt(2900, copy_penalty=0.0), POPULAR)
+    assert abs(big.costs["other"] - legacy.costs["other"] - 2 * share * 1024) < 1e-6
+    unreported = _route(_owner_busy_with_a_cold_prompt(0), POPULAR)
+    assert unreported.best == "other"
+    legacy = _route(_owner_busy_with_a_cold_prompt(0, copy_penalty=0.0), POPULAR)
+    assert unreported.costs == legacy.costs
+
+
+def test_a_cold_prompt_pays_no_copy_penalty():
+    """Nothing of it is cached anywhere: no copy, whatever the cache sizes."""
+    cold = prompt(9, 1200)
+    for size in (384, 0):
+        with_penalty = _route(_owner_busy_with_a_cold_prompt(size), cold)
+        without = _route(_owner_busy_with_a_cold_prompt(size, copy_penalty=0.0), cold)
+        assert with_penalty.costs == without.costs and with_penalty.best == "other"
+
+
+def test_cache_size_reaches_the_decision_log_and_replay():
+    from kvmesh.router.routing.decision_log import DecisionRecord, candidate_terms
+    from kvmesh.router.routing.replay import candidates_of
+
+    cfg = RouterConfig(block_size=BS, seed=0)
+    d = _route(_owner_busy_with_a_cold_prompt(384), POPULAR)
+    terms = {t.replica: t for t in candidate_terms(d, len(POPULAR), cfg)}
+    assert terms["other"].kv_blocks_total == 384
+    for t in terms.values():
+        assert abs(t.cost - d.costs[t.replica]) < 1e-6
+    rec = DecisionRecord(0.0, "r", None, len(POPULAR), None, list(terms.values()), "owner", "x")
+    rec = DecisionRecord.from_json(rec.as_json())
+    cands = {c.replica: c for c in candidates_of(rec, cfg)}
+    assert cands["other"].load.kv_blocks_total == 384
