@@ -319,22 +319,29 @@ def test_one_odd_rate_cannot_exile_a_replica():
 
 
 def test_rates_reach_the_decision_log_and_replay():
-    from kvmesh.router.routing.decision_log import candidate_terms
+
+    d = _route(_two_speeds({"slow": 130.0, "fast": 170.0}, QUEUED), COLD)
+    terms, cands = _logged_and_replayed(d, len(COLD))
+    assert terms["slow"].rate_factor > 1.0 > terms["fast"].rate_factor
+    assert terms["slow"].prefill_tokens_per_s == 130.0
+    assert cands["slow"].load.prefill_tokens_per_s == 130.0
+
+
+def _logged_and_replayed(decision, num_prompt_tokens):
+    """The decision's log terms per replica (checked to add up to its costs), and the
+    candidates a replay rebuilds from the record after a JSON round trip."""
+    from kvmesh.router.routing.decision_log import DecisionRecord, candidate_terms
     from kvmesh.router.routing.replay import candidates_of
 
     cfg = RouterConfig(block_size=BS, seed=0)
-    d = _route(_two_speeds({"slow": 130.0, "fast": 170.0}, QUEUED), COLD)
-    terms = {t.replica: t for t in candidate_terms(d, len(COLD), cfg)}
-    assert terms["slow"].rate_factor > 1.0 > terms["fast"].rate_factor
-    assert terms["slow"].prefill_tokens_per_s == 130.0
+    terms = {t.replica: t for t in candidate_terms(decision, num_prompt_tokens, cfg)}
     for t in terms.values():
-        assert abs(t.cost - d.costs[t.replica]) < 1e-6
-    from kvmesh.router.routing.decision_log import DecisionRecord
-
-    rec = DecisionRecord(0.0, "r", None, len(COLD), None, list(terms.values()), "fast", "x")
+        assert abs(t.cost - decision.costs[t.replica]) < 1e-6
+    rec = DecisionRecord(
+        0.0, "r", None, num_prompt_tokens, None, list(terms.values()), decision.best, "x"
+    )
     rec = DecisionRecord.from_json(rec.as_json())
-    cands = {c.replica: c for c in candidates_of(rec, cfg)}
-    assert cands["slow"].load.prefill_tokens_per_s == 130.0
+    return terms, {c.replica: c for c in candidates_of(rec, cfg)}
 
 
 # ---- (d) the KV penalty for a turn whose blocks the replica already holds ---------------------
@@ -437,16 +444,7 @@ def test_a_cold_prompt_pays_no_copy_penalty():
 
 
 def test_cache_size_reaches_the_decision_log_and_replay():
-    from kvmesh.router.routing.decision_log import DecisionRecord, candidate_terms
-    from kvmesh.router.routing.replay import candidates_of
-
-    cfg = RouterConfig(block_size=BS, seed=0)
     d = _route(_owner_busy_with_a_cold_prompt(384), POPULAR)
-    terms = {t.replica: t for t in candidate_terms(d, len(POPULAR), cfg)}
+    terms, cands = _logged_and_replayed(d, len(POPULAR))
     assert terms["other"].kv_blocks_total == 384
-    for t in terms.values():
-        assert abs(t.cost - d.costs[t.replica]) < 1e-6
-    rec = DecisionRecord(0.0, "r", None, len(POPULAR), None, list(terms.values()), "owner", "x")
-    rec = DecisionRecord.from_json(rec.as_json())
-    cands = {c.replica: c for c in candidates_of(rec, cfg)}
     assert cands["other"].load.kv_blocks_total == 384
