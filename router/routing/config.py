@@ -54,7 +54,9 @@ class RouterConfig(BaseModel):
             "copied to the other replica to skip a cold 3k-token prefill; the copy crowded "
             "that cache for the rest of the run. With 2: TTFT p90 median 2.10 s over 3 "
             "alternated rounds against 2.36 s with 0 (0.89x), no turn moved (3-7 before), one "
-            "system-prompt refill per run (the peers' count). In the 16/64-replica sim (2,900 "
+            "system-prompt refill per run (the peers' count); against Ray's router p90 1.02x and "
+            "1.12x in two such runs (1.26x with 0). At 0.4 sessions/s it changed no decision. "
+            "In the 16/64-replica sim (2,900 "
             "blocks, where a copy takes 2-9 % of a cache) the rate at the 2 s TTFT SLO moved "
             "+1 %/+2 % (16, seeds 0/1) and -3 %/+4 %/-5 % (64, seeds 0-2): within seed noise."
         ),
