@@ -154,19 +154,15 @@ def kv_term(kv_usage: float, config: RouterConfig, new_share: float = 1.0) -> fl
     return config.kv_penalty * min(x, 1.0) ** 2 * scale
 
 
-def miss_term(
-    num_prompt_tokens: int, cand: Candidate, best_hit_tokens: int, config: RouterConfig
-) -> float:
+def miss_term(miss: int, copied: int, kv_blocks_total: int, config: RouterConfig) -> float:
     """The miss term (before the rate factor): ``miss_weight`` per uncached token, plus
-    ``copy_penalty`` per token another candidate holds (up to ``best_hit_tokens``: the request
-    would copy a cached prefix to a second replica), scaled by the copy's share of this
-    replica's cache over ``copy_full_share`` (capped at 1; 0 when the size is not reported)."""
-    miss = max(num_prompt_tokens - cand.hit_tokens, 0)
+    ``copy_penalty`` per ``copied`` token (uncached here, cached on another candidate) scaled
+    by the copy's share of this replica's cache over ``copy_full_share`` (capped at 1; nothing
+    when the replica does not report its size)."""
     cost = config.miss_weight * miss
-    cache_tokens = cand.load.kv_blocks_total * config.block_size
-    if config.copy_penalty <= 0.0 or cache_tokens <= 0:
+    cache_tokens = kv_blocks_total * config.block_size
+    if copied <= 0 or config.copy_penalty <= 0.0 or cache_tokens <= 0:
         return cost
-    copied = min(max(min(best_hit_tokens, num_prompt_tokens) - cand.hit_tokens, 0), miss)
     share = copied / (cache_tokens * config.copy_full_share)
     return cost + config.copy_penalty * min(share, 1.0) * copied
 
@@ -195,9 +191,10 @@ def cost_terms(
     """The cost of sending a prompt of ``num_prompt_tokens`` tokens to ``cand``, when the
     candidate holding most of it holds ``best_hit_tokens``."""
     miss = max(num_prompt_tokens - cand.hit_tokens, 0)
+    copied = min(max(best_hit_tokens - cand.hit_tokens, 0), miss)
     new_share = miss / num_prompt_tokens if num_prompt_tokens else 1.0
     return CostTerms(
-        miss=rate_factor * miss_term(num_prompt_tokens, cand, best_hit_tokens, config),
+        miss=rate_factor * miss_term(miss, copied, cand.load.kv_blocks_total, config),
         queue=rate_factor * queue_term(cand.load.queued_tokens, config),
         decode=config.decode_weight * cand.load.resident,
         kv=kv_term(cand.load.kv_usage, config, new_share),
