@@ -31,8 +31,8 @@ from kvmesh.router import autoscaler_reports, limits, tokenize_api, tool_output
 from kvmesh.router import openai_format as fmt
 from kvmesh.router.auth import APIKeyAuth, keys_from_env, keys_from_file
 from kvmesh.router.errors import APIError, from_validation_error
+from kvmesh.router.ingress_metrics import IngressMetrics, merge_expositions
 from kvmesh.router.limits import RequestLimits, check_prompt_tokens, read_body
-from kvmesh.router.metrics import IngressMetrics, merge_expositions
 from kvmesh.router.model_table import ModelTable
 from kvmesh.router.protocol import ChatCompletionRequest, CompletionRequest
 from kvmesh.router.replica_client import (

@@ -142,7 +142,7 @@ def test_startup_phases_are_a_replica_metric(make_tiny_model):
     from prometheus_client.parser import text_string_to_metric_families
 
     from kvmesh.replicas.replica_metrics import ReplicaMetrics
-    from kvmesh.router.metrics import merge_expositions
+    from kvmesh.router.ingress_metrics import merge_expositions
 
     engine = LLMEngine(model=str(make_tiny_model("llama", num_hidden_layers=1)), **ENGINE)
     warm_up(engine)

@@ -15,7 +15,7 @@ from kvmesh.replicas.outputs import CompletionOutput, RequestMetrics, RequestOut
 from kvmesh.replicas.replica_metrics import ReplicaMetrics
 from kvmesh.router.auth import APIKeyAuth, keys_from_env, keys_from_file
 from kvmesh.router.errors import APIError, from_validation_error
-from kvmesh.router.metrics import IngressMetrics, merge_expositions
+from kvmesh.router.ingress_metrics import IngressMetrics, merge_expositions
 from kvmesh.router.model_table import ModelTable
 from kvmesh.router.protocol import ChatCompletionRequest, CompletionRequest
 from kvmesh.router.response_cache import Generation, ResponseCache, cache_key
