@@ -616,6 +616,8 @@ VARIANTS = {
     "ours_flat_kv": ({"kv_penalty_by_miss": False}, 1, True),
     # A copy of a prefix another replica holds priced like any miss (no copy_penalty).
     "ours_no_copy": ({"copy_penalty": 0.0}, 1, True),
+    # A miss priced the same in a fuller cache (no fill_weight).
+    "ours_no_fill": ({"fill_weight": 0.0}, 1, True),
 }
 """Ablations of ``ours``: RouterConfig overrides, number of routers, replicas acknowledge."""
 

@@ -67,6 +67,22 @@ class RouterConfig(BaseModel):
         le=1.0,
         description="Share of a replica's KV cache at which a copy pays the full copy_penalty.",
     )
+    fill_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        description=(
+            "Each missed prompt token pays this x how much fuller the replica's cache is than "
+            "the emptiest candidate's (cached blocks / ``kv_blocks_total``, 0..1): stored "
+            "in a fuller cache it evicts someone's prefix sooner. Steers cold prompts (a new "
+            "tenant's first turn) to the emptier cache, e.g. beside the less popular tenant "
+            "rather than the one whose conversations fill its replica, as Ray's and SGLang's "
+            "routers do by picking the smaller prefix tree. Issue #15: on the 2-replica run "
+            "a 5 % difference in measured prefill rates decided that placement (6,195 against "
+            "6,547 token equivalents for a 3,183-token prompt) while the caches held 214 and "
+            "153 of 384 blocks. Nothing for replicas that do not report their cache size, and "
+            "nothing when all caches are equally full."
+        ),
+    )
     queue_weight: float = Field(
         default=1.0,
         ge=0.0,

@@ -204,7 +204,8 @@ class PrefixRouterCore:
                     n = self.index.surviving(
                         r, keys, n, load.queued_tokens / bs, self.config.eviction_horizon
                     )
-                cands.append(Candidate(r, min(n * bs, cap), load, reported))
+                cached = self.index.num_confirmed(r) + self.index.num_speculative(r)
+                cands.append(Candidate(r, min(n * bs, cap), load, reported, cached))
             sticky = self._sticky(session_id, now)
             decision = decide(num_prompt_tokens, cands, self.config, self._rng, sticky)
             return replace(decision, keys=keys)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmesh.router.routing.config import RouterConfig
-from kvmesh.router.routing.policy import Decision, cost_terms, rate_factors
+from kvmesh.router.routing.policy import Decision, Rivals, cost_terms, rate_factors
 
 
 @dataclass
@@ -59,6 +59,8 @@ class CandidateTerms:
     """What the prefill terms (``miss_cost``, ``queue_cost``) were multiplied by."""
     kv_blocks_total: int = 0
     """The replica's reported KV cache size (0: none reported); prices a copy's miss."""
+    cached_blocks: int = 0
+    """Blocks the router believed the replica cached (its cache fill prices a miss)."""
 
 
 @dataclass
@@ -88,9 +90,9 @@ def candidate_terms(decision: Decision, num_prompt_tokens: int, config: RouterCo
     """Each candidate's cost split into its terms (the policy's formula, term by term)."""
     out = []
     factors = rate_factors(decision.candidates, config)
-    best_hit = max((c.hit_tokens for c in decision.candidates), default=0)
+    rivals = Rivals.of(decision.candidates)
     for cand, factor in zip(decision.candidates, factors, strict=True):
-        terms = cost_terms(num_prompt_tokens, cand, config, factor, best_hit)
+        terms = cost_terms(num_prompt_tokens, cand, config, factor, rivals)
         out.append(
             CandidateTerms(
                 replica=str(cand.replica),
@@ -108,6 +110,7 @@ def candidate_terms(decision: Decision, num_prompt_tokens: int, config: RouterCo
                 decode_step_s=cand.load.decode_step_s,
                 rate_factor=factor,
                 kv_blocks_total=cand.load.kv_blocks_total,
+                cached_blocks=cand.cached_blocks,
             )
         )
     return out

@@ -2,6 +2,7 @@
 
 ``cost = rate_factor * (miss_weight * uncached prompt tokens``
 ``                      + copy_penalty * min(1, copied / (copy_full_share * cache)) * copied``
+``                      + fill_weight * (cache fill - the emptiest candidate's) * uncached``
 ``                      + queue_weight * prefill tokens queued there``
 ``                      + (queue_over_factor - 1) * queue_weight * queued past queue_soft_limit)``
 ``     + decode_weight * requests resident there``
@@ -22,6 +23,12 @@ follows it and lets that prefix's traffic split between the two. Where the copy 
 of the receiving cache (small caches, long shared prompts) it displaces other tenants' prefixes
 for good, so each copied token pays up to ``copy_penalty`` more; in a large cache the same copy
 is nearly free.
+
+A missed token is stored in the replica's cache; in a fuller cache (more of it holding cached
+prefixes, as the router's index counts them) it evicts someone's prefix sooner, so each missed
+token also pays ``fill_weight`` x how much fuller this cache is than the emptiest candidate's.
+That sends a cold prompt, such as a new tenant's first turn, to the emptier cache; once every
+cache is full the term vanishes.
 
 The decode term prices the work sharing every step with us and the conversations likely to
 return there. The KV term keeps requests away from a replica about to evict or preempt, in
@@ -78,6 +85,15 @@ class Candidate:
     load: ReplicaLoad
     reported_hit_tokens: int | None = None
     """The index's match before the eviction cut (None: no cut was considered)."""
+    cached_blocks: int = 0
+    """Blocks the router believes the replica caches (its prefix tree's size)."""
+
+    @property
+    def cache_fill(self) -> float | None:
+        """Share of the replica's cache in use for cached prefixes; None if its size is not
+        reported."""
+        total = self.load.kv_blocks_total
+        return min(self.cached_blocks / total, 1.0) if total > 0 else None
 
 
 @dataclass(frozen=True)
@@ -154,12 +170,15 @@ def kv_term(kv_usage: float, config: RouterConfig, new_share: float = 1.0) -> fl
     return config.kv_penalty * min(x, 1.0) ** 2 * scale
 
 
-def miss_term(miss: int, copied: int, kv_blocks_total: int, config: RouterConfig) -> float:
+def miss_term(
+    miss: int, copied: int, kv_blocks_total: int, extra_fill: float, config: RouterConfig
+) -> float:
     """The miss term (before the rate factor): ``miss_weight`` per uncached token, plus
-    ``copy_penalty`` per ``copied`` token (uncached here, cached on another candidate) scaled
-    by the copy's share of this replica's cache over ``copy_full_share`` (capped at 1; nothing
-    when the replica does not report its size)."""
-    cost = config.miss_weight * miss
+    ``fill_weight`` x ``extra_fill`` (this cache's fill over the emptiest candidate's) per
+    uncached token, plus ``copy_penalty`` per ``copied`` token (uncached here, cached on
+    another candidate) scaled by the copy's share of this replica's cache over
+    ``copy_full_share`` (capped at 1; nothing when the replica does not report its size)."""
+    cost = (config.miss_weight + config.fill_weight * extra_fill) * miss
     cache_tokens = kv_blocks_total * config.block_size
     if copied <= 0 or config.copy_penalty <= 0.0 or cache_tokens <= 0:
         return cost
@@ -181,20 +200,45 @@ class CostTerms:
         return self.miss + self.queue + self.decode + self.kv
 
 
+@dataclass(frozen=True)
+class Rivals:
+    """What every candidate's cost is measured against: the most any candidate holds of the
+    prompt and the emptiest reported cache."""
+
+    best_hit_tokens: int = 0
+    least_fill: float | None = None
+
+    @classmethod
+    def of(cls, candidates: Sequence[Candidate]) -> Rivals:
+        fills = [f for f in (c.cache_fill for c in candidates) if f is not None]
+        return cls(
+            best_hit_tokens=max((c.hit_tokens for c in candidates), default=0),
+            least_fill=min(fills) if len(fills) > 1 else None,
+        )
+
+    def extra_fill(self, cand: Candidate) -> float:
+        fill = cand.cache_fill
+        if fill is None or self.least_fill is None:
+            return 0.0
+        return fill - self.least_fill
+
+
 def cost_terms(
     num_prompt_tokens: int,
     cand: Candidate,
     config: RouterConfig,
     rate_factor: float = 1.0,
-    best_hit_tokens: int = 0,
+    rivals: Rivals = Rivals(),
 ) -> CostTerms:
-    """The cost of sending a prompt of ``num_prompt_tokens`` tokens to ``cand``, when the
-    candidate holding most of it holds ``best_hit_tokens``."""
+    """The cost of sending a prompt of ``num_prompt_tokens`` tokens to ``cand`` among the
+    candidates summarised by ``rivals``."""
     miss = max(num_prompt_tokens - cand.hit_tokens, 0)
-    copied = min(max(best_hit_tokens - cand.hit_tokens, 0), miss)
+    copied = min(max(rivals.best_hit_tokens - cand.hit_tokens, 0), miss)
     new_share = miss / num_prompt_tokens if num_prompt_tokens else 1.0
+    extra_fill = rivals.extra_fill(cand)
+    kv_blocks_total = cand.load.kv_blocks_total
     return CostTerms(
-        miss=rate_factor * miss_term(miss, copied, cand.load.kv_blocks_total, config),
+        miss=rate_factor * miss_term(miss, copied, kv_blocks_total, extra_fill, config),
         queue=rate_factor * queue_term(cand.load.queued_tokens, config),
         decode=config.decode_weight * cand.load.resident,
         kv=kv_term(cand.load.kv_usage, config, new_share),
@@ -215,13 +259,13 @@ def decide(
     hits: dict[Hashable, int] = {}
     loads: dict[Hashable, float] = {}
     factors = rate_factors(candidates, config)
-    best_hit = max(c.hit_tokens for c in candidates)
+    rivals = Rivals.of(candidates)
     for c, factor in zip(candidates, factors, strict=True):
         # The guard and tie-breaks compare the linear load in tokens; the cost uses the queue
         # term, both prefill terms priced at the replica's rate.
         loads[c.replica] = load_term(c.load, config)
         hits[c.replica] = c.hit_tokens
-        costs[c.replica] = cost_terms(num_prompt_tokens, c, config, factor, best_hit).total
+        costs[c.replica] = cost_terms(num_prompt_tokens, c, config, factor, rivals).total
 
     order = sorted(costs, key=costs.__getitem__)
     best_cost = costs[order[0]]

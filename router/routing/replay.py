@@ -46,6 +46,7 @@ def candidates_of(record: DecisionRecord, config: RouterConfig | None = None) ->
                 c.decode_step_s,
                 c.kv_blocks_total,
             ),
+            cached_blocks=c.cached_blocks,
         )
         for c in record.candidates
     ]

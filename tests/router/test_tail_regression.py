@@ -28,6 +28,13 @@ arrivals and replica reports against the Ray-free core.
     cache and evicted for the rest of the run (TTFT p90 1.2-1.3x the peer routers', which
     never moved it). ``copy_penalty`` prices a miss on tokens another replica holds by the
     share of the receiving cache the copy takes.
+(f) A cold tenant placed by rate noise: with (e) fixed, the 4th tenant's cold 3,183-token
+    first turn found both replicas idle and cost 6,195 against 6,547 token equivalents, the
+    5 % difference in their measured prefill rates (which mostly says which replica had
+    prefilled the longer prompts): it went beside the popular tenant, whose replica's cache
+    already held 214 of 384 blocks against the other's 153 (Ray's router puts it beside the
+    less popular tenant, its smaller prefix tree). ``fill_weight`` prices a missed token by
+    how much fuller the cache it lands in is than the emptiest candidate's.
 """
 
 from __future__ import annotations
@@ -448,3 +455,62 @@ def test_cache_size_reaches_the_decision_log_and_replay():
     terms, cands = _logged_and_replayed(d, len(POPULAR))
     assert terms["other"].kv_blocks_total == 384
     assert cands["other"].load.kv_blocks_total == 384
+
+
+# ---- (f) a cold tenant prompt between two idle replicas ----------------------------------------
+COLD_TENANT = prompt(3, 3072, suffix=5)
+
+
+def _two_idle_tenant_replicas(quiet_rate=280.0, quiet_queued=0, **overrides):
+    """As logged: both replicas idle (but for ``quiet_queued`` prefill tokens on "quiet").
+    "popular" caches 214 blocks of its tenant's prompt and conversations, "quiet" 153 of
+    another tenant's, out of 384 each; popular measured 296 prefill tokens/s."""
+    clock = FakeClock()
+    core = make_core(clock, **overrides)
+    popular, quiet = FakeReplica("popular", clock), FakeReplica("quiet", clock)
+    core.set_replicas(["popular", "quiet"])
+    for rep, rate, cached in (
+        (popular, 296.0, prompt(0, 214 * BS)),
+        (quiet, quiet_rate, prompt(1, 153 * BS)),
+    ):
+        queued = quiet_queued if rep is quiet else 0
+        rep.load = idle_load(pending_prefill_tokens=queued, kv_blocks_total=384)
+        stats = rep.report(stored(hashes(cached)))
+        stats["prefill_tokens_per_s"] = rate
+        core.apply_report(rep.name, stats)
+    return core
+
+
+def test_a_cold_tenant_goes_to_the_emptier_cache_not_by_rate_noise():
+    old = _route(_two_idle_tenant_replicas(fill_weight=0.0), COLD_TENANT)
+    assert old.best == "popular", old.costs  # the logged placement: 5 % faster
+    new = _route(_two_idle_tenant_replicas(), COLD_TENANT)  # the default
+    assert new.best == "quiet" and new.reason == "no_prefix", new.costs
+    # Each of the 3,092 missed tokens pays (214 - 153) / 384 more on the fuller cache.
+    extra = (214 - 153) / 384 * len(COLD_TENANT) * 288 / 296  # at its rate factor
+    assert abs(new.costs["popular"] - old.costs["popular"] - extra) < 1e-6
+    assert new.costs["quiet"] == old.costs["quiet"]  # the emptiest pays nothing extra
+
+
+def test_a_real_difference_still_decides_a_cold_prompt():
+    """The fill term is a fraction of the miss: a replica 20 % slower, or one with a queued
+    prefill ahead, still loses the cold prompt though its cache is emptier."""
+    slow = _route(_two_idle_tenant_replicas(quiet_rate=240.0), COLD_TENANT)
+    assert slow.best == "popular", slow.costs
+    busy = _route(_two_idle_tenant_replicas(quiet_queued=1000), COLD_TENANT)
+    assert busy.best == "popular", busy.costs
+
+
+def test_a_conversation_is_not_pushed_off_a_full_cache():
+    """A turn whose prefix the fuller replica holds misses only its new tokens there, so the
+    fill term adds little, and nothing to a replica whose size is unknown."""
+    turn = prompt(0, 214 * BS, suffix=3)
+    d = _route(_two_idle_tenant_replicas(), turn)
+    assert d.best == "popular" and d.reason == "cache_hit", d.costs
+
+
+def test_cached_blocks_reach_the_decision_log_and_replay():
+    d = _route(_two_idle_tenant_replicas(), COLD_TENANT)
+    terms, cands = _logged_and_replayed(d, len(COLD_TENANT))
+    assert terms["popular"].cached_blocks == 214
+    assert cands["quiet"].cached_blocks == 153
