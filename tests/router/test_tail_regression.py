@@ -486,8 +486,8 @@ def test_a_cold_tenant_goes_to_the_emptier_cache_not_by_rate_noise():
     assert old.best == "popular", old.costs  # the logged placement: 5 % faster
     new = _route(_two_idle_tenant_replicas(), COLD_TENANT)  # the default
     assert new.best == "quiet" and new.reason == "no_prefix", new.costs
-    # Each of the 3,092 missed tokens pays (214 - 153) / 384 more on the fuller cache.
-    extra = (214 - 153) / 384 * len(COLD_TENANT) * 288 / 296  # at its rate factor
+    # Each of the 3,092 missed tokens pays 2 x (214 - 153) / 384 more on the fuller cache.
+    extra = 2 * (214 - 153) / 384 * len(COLD_TENANT) * 288 / 296  # at its rate factor
     assert abs(new.costs["popular"] - old.costs["popular"] - extra) < 1e-6
     assert new.costs["quiet"] == old.costs["quiet"]  # the emptiest pays nothing extra
 
