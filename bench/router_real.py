@@ -281,6 +281,7 @@ def _app_config(
                         "max_model_len": 8192,
                         "max_num_seqs": 32,
                         "max_num_batched_tokens": args.chunk_tokens,
+                        "long_prefill_token_threshold": args.long_prefill_tokens,
                         "num_kv_blocks": args.kv_blocks,
                     },
                     "replicas": replicas,
@@ -654,7 +655,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"{report['date']}, {report['cpus']} CPUs, {report['args']['replicas']} replicas x "
         f"{report['args']['torch_threads']} thread(s), KV {report['args']['kv_blocks']} blocks "
-        f"per replica, tenant Zipf {report['args']['tenant_zipf']}; "
+        f"per replica, step budget {report['args']['chunk_tokens']} tokens, per-request "
+        f"prefill cap {report['args'].get('long_prefill_tokens') or 'none'}, "
+        f"tenant Zipf {report['args']['tenant_zipf']}; "
         f"{w['sessions']} sessions / {w['requests']} requests, system prompts "
         f"{w['system_prompt_tokens']} tokens",
         "",
@@ -737,6 +740,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--kv-blocks", type=int, default=384, help="per replica, 16 tokens each")
     p.add_argument("--chunk-tokens", type=int, default=512, help="max_num_batched_tokens")
+    p.add_argument(
+        "--long-prefill-tokens",
+        type=int,
+        default=0,
+        help="long_prefill_token_threshold: one request's prompt tokens per step (0: no cap)",
+    )
     p.add_argument("--tenants", type=int, default=4)
     p.add_argument(
         "--tenant-zipf", type=float, default=1.0, help="tenant popularity skew (0 = uniform)"

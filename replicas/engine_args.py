@@ -25,6 +25,13 @@ class EngineArgs(BaseModel):
     max_num_batched_tokens: int | None = Field(
         default=2048, ge=1, description="Per-step token budget; None = unlimited."
     )
+    long_prefill_token_threshold: int = Field(
+        default=0,
+        ge=0,
+        description="Chunked prefill: at most this many prompt tokens of one request per step "
+        "(0 = no cap beyond max_num_batched_tokens), so a long prompt leaves room in every "
+        "step for newly arrived requests instead of making them wait for its whole prefill.",
+    )
     max_model_len: int | None = Field(default=None, ge=1)
     num_kv_blocks: int | None = Field(default=None, ge=1)
     kv_cache_memory_bytes: int | None = Field(default=None, ge=1)

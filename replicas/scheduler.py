@@ -3,10 +3,12 @@
 ``schedule`` decides which requests run in the next step, and how many tokens each. Every
 step spends a token budget. Running requests go first (their decodes, or the next chunk of a
 long prompt), in admission order; waiting requests are then admitted first-come,
-first-served while the budget, ``max_num_seqs`` and the KV pool allow. When the pool runs dry,
-the most recently admitted request is preempted by recompute: its blocks are freed and it goes
-back to the front of the queue with its output so far, to be re-prefilled (often from the
-prefix cache) and continue where it stopped.
+first-served while the budget, ``max_num_seqs`` and the KV pool allow. With
+``long_prefill_token_threshold`` one request computes at most that many prompt tokens per
+step, so a long prompt's prefill leaves budget for requests that arrive behind it. When the
+pool runs dry, the most recently admitted request is preempted by recompute: its blocks are
+freed and it goes back to the front of the queue with its output so far, to be re-prefilled
+(often from the prefix cache) and continue where it stopped.
 
 ``update_from_output`` takes the runner's result for that step and does everything the step
 means for each request: advances its computed tokens, registers the blocks it filled,
@@ -53,11 +55,16 @@ class Scheduler:
         eos_token_ids: Iterable[int] = (),
         max_model_len: int | None = None,
         allocate_bitmask: Callable[[int], Any] | None = None,
+        long_prefill_token_threshold: int = 0,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
         self.chunked = enable_chunked_prefill
+        # One request's prompt tokens per step (0: only the budget caps them). Without a cap a
+        # long prompt's chunk takes the whole budget and requests arriving behind it wait for
+        # all of its prefill before their first step.
+        self.prefill_cap = long_prefill_token_threshold if enable_chunked_prefill else 0
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         # Structured output: an empty (all-allowed) token bitmask of n rows.
@@ -126,7 +133,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = req.num_tokens - req.num_computed_tokens
+            num_new = self._capped(req.num_tokens - req.num_computed_tokens)
             num_new = min(num_new, budget)
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()
@@ -146,6 +153,10 @@ class Scheduler:
             self._admit(scheduled, budget)
         return self._output(scheduled, preempted)
 
+    def _capped(self, num_new: int) -> int:
+        cap = self.prefill_cap
+        return cap if 0 < cap < num_new else num_new
+
     def _admit(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
         pending = self._blocks_in_flight()
         deferred: list[Request] = []
@@ -162,7 +173,7 @@ class Scheduler:
                 deferred.append(self.waiting.popleft())
                 continue
             num_hit = prefix.num_tokens
-            num_new = req.num_tokens - num_hit
+            num_new = self._capped(req.num_tokens - num_hit)
             if num_new > budget:
                 if not self.chunked:
                     break

@@ -46,6 +46,16 @@ def test_identical_across_caching_and_chunk_budgets(
     assert_all_blocks_free(llm)
 
 
+def test_identical_with_a_per_request_prefill_cap(model_and_reference, assert_all_blocks_free):
+    """``long_prefill_token_threshold``: every prompt computed in chunks of at most 5 tokens
+    while others share the step; greedy tokens unchanged."""
+    path, prompts, expected = model_and_reference
+    llm, got = run(path, prompts, max_num_batched_tokens=16, long_prefill_token_threshold=5)
+    assert got == expected
+    assert llm.engine.scheduler.prefill_cap == 5
+    assert_all_blocks_free(llm)
+
+
 def test_identical_under_constant_preemption(make_tiny_model, assert_all_blocks_free):
     """A pool where any two requests together overflow it: preemption is constant.
 

@@ -25,9 +25,17 @@ BLOCK = 4
 PREFIXES = [[5 + i for i in range(9)], [40 + i for i in range(6)], []]
 
 
-def make_scheduler(sliding_window: int | None, caching: bool) -> Scheduler:
+def make_scheduler(sliding_window: int | None, caching: bool, prefill_cap: int = 0) -> Scheduler:
     kv = KVCacheManager(10, BlockHasher.for_model("m", BLOCK), caching, sliding_window)
-    return Scheduler(kv, 6, 12, True, eos_token_ids=[EOS], max_model_len=48)
+    return Scheduler(
+        kv,
+        6,
+        12,
+        True,
+        eos_token_ids=[EOS],
+        max_model_len=48,
+        long_prefill_token_threshold=prefill_cap,
+    )
 
 
 class FakeRunner:
@@ -134,9 +142,10 @@ ops = st.lists(
     seed=st.integers(0, 10_000),
     sliding_window=st.sampled_from([None, 6]),
     caching=st.booleans(),
+    prefill_cap=st.sampled_from([0, 3]),
 )
-def test_update_is_pure_and_every_block_comes_back(ops, seed, sliding_window, caching):
-    s = make_scheduler(sliding_window, caching)
+def test_update_is_pure_and_every_block_comes_back(ops, seed, sliding_window, caching, prefill_cap):
+    s = make_scheduler(sliding_window, caching, prefill_cap)
     runner, rng = FakeRunner(), random.Random(seed)
     added: list[str] = []
     doomed: set[str] = set()
@@ -171,3 +180,21 @@ def test_update_is_pure_and_every_block_comes_back(ops, seed, sliding_window, ca
     runner.execute(SchedulerOutput(finished_request_ids=s._finished_ids), rng, doomed)
     s._finished_ids = []
     assert not runner.rows
+
+
+def test_a_long_prompt_leaves_room_for_a_request_behind_it():
+    """Budget 12: uncapped, a 20-token prompt takes the whole first two steps and a 3-token
+    request arriving behind it waits; capped at 4 tokens per request per step, both run in
+    the first step and the short one samples its first token there."""
+    long_prompt, short_prompt = list(range(3, 23)), [30, 31, 32]
+    params = SamplingParams(temperature=0, max_tokens=4, min_tokens=0)
+    for cap, want in ((0, {"long": 12}), (4, {"long": 4, "short": 3})):
+        s = make_scheduler(None, caching=True, prefill_cap=cap)
+        s.add(Request("long", long_prompt, params, 4))
+        s.add(Request("short", short_prompt, params, 4))
+        sched = s.schedule()
+        assert {c.request_id: c.num_tokens for c in sched.chunks} == want
+        assert any(c.sample for c in sched.chunks) == (cap > 0)
+        for rid in ("long", "short"):
+            s.finish_requests([rid], "abort", None)
+        assert s.kv.num_blocks_free == s.kv.num_blocks_total
