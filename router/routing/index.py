@@ -98,6 +98,10 @@ class PrefixIndex:
         n = self._stores[replica] + 1
         self._stores[replica] = n
         self._last_use[replica][key] = n
+        # Confirmed now: the guess is no longer needed (and would count the block twice in
+        # the replica's cached blocks).
+        if self._spec_expiry[replica].pop(key, None) is not None:
+            _clear(self._speculative, key, bit)
 
     def remove(self, replica: Hashable, key: bytes) -> None:
         """The replica evicted ``key``: drop it, including any speculative entry."""

@@ -194,9 +194,14 @@ def test_speculative_entries_follow_routing_then_expire_unless_confirmed():
     # Unconfirmed: gone after the TTL.
     clock.t += 11
     assert _route(core, p2).hit_tokens[first] == 0
-    # Confirmed by a report: stays.
+    # Confirmed by a report: stays, and is no longer a guess (the replica's cached blocks,
+    # which price a miss there, count it once).
     core.on_routed(first, "req-2", hashes(p2), len(p2), d2)
+    assert core.index.num_speculative(first) == len(p2) // BS
     core.apply_report(first, reps[first].report(stored(hashes(p2))))
+    assert core.index.num_speculative(first) == 0
+    cands = {c.replica: c for c in _route(core, p2).candidates}
+    assert cands[first].cached_blocks == len(p2) // BS
     clock.t += 100
     assert _route(core, p2).hit_tokens[first] == (len(p2) // BS) * BS
 
