@@ -177,12 +177,65 @@ inline vec16 dot_lanes(const float* q, const T* k) {
   return d;
 }
 
+#if defined(__AVX512BF16__)
+// A bfloat16 cache's scores with AVX512-BF16's pair dot product (vdpbf16ps): K's bfloat16 rows
+// multiply a bfloat16 copy of the query without being widened, which is most of what a
+// bfloat16 decode tile spends when K is read once per query head sharing it. The query goes in
+// as two bfloat16 parts, hi = bf16(q) and lo = bf16(q - hi), so hi + lo holds q to ~2^-18
+// relative; a product of two bfloat16 is exact in float32, so each score differs from the
+// float32-arithmetic path only in the order of its float32 sums (well inside the kernels' 2e-5
+// agreement with the torch twin).
+constexpr bool kBf16Dot = true;
+
+inline __m512bh load_bh(const uint16_t* p) {
+  const __m512i bits = _mm512_loadu_si512(p);
+  __m512bh v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// rows x D query floats as their hi parts (rows x D) followed by their lo parts.
+inline void split_query_bf16(const float* q, int64_t rows, int64_t D, uint16_t* out) {
+  const int64_t n = rows * D;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t hi = float_to_bf16(q[i]);
+    out[i] = hi;
+    out[n + i] = float_to_bf16(q[i] - bf16_to_float(hi));
+  }
+}
+
+// Lane partials of q . k over D = NV * 16 elements (hsum finishes the dot product).
+template <int NV>
+inline vec16 dot_lanes_bf16(const uint16_t* qhi, const uint16_t* qlo, const uint16_t* k) {
+  static_assert(NV % 2 == 0, "whole 32-element bfloat16 vectors");
+  __m512 d = _mm512_setzero_ps();
+  for (int i = 0; i < NV / 2; ++i) {
+    const __m512bh kv = load_bh(k + 32 * i);
+    d = _mm512_dpbf16_ps(d, kv, load_bh(qhi + 32 * i));
+    d = _mm512_dpbf16_ps(d, kv, load_bh(qlo + 32 * i));
+  }
+  vec16 out;
+  std::memcpy(&out, &d, sizeof out);
+  return out;
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+// Whether a tile of this cache type and head dimension takes its scores from the pair dot
+// product (then the caller passes the query's bfloat16 parts as `qsplit`).
+template <int NV, class T>
+constexpr bool uses_bf16_dot() {
+  return kBf16Dot && std::is_same_v<T, uint16_t> && NV % 2 == 0;
+}
+
 // One tile of n keys for kv heads [0, heads) of a token row `stride` elements long, query rows
-// r = h * G + g (q at q + r * D, scores at s[r * kDecodeTile + j]).
+// r = h * G + g (q at q + r * D, scores at s[r * kDecodeTile + j]). `qsplit`: the query rows'
+// bfloat16 parts (split_query_bf16) where uses_bf16_dot, else unused.
 template <int NV, class T>
 inline void decode_tile_fast(const T* k, const T* v, int64_t n, int64_t stride, int64_t heads,
-                             const float* q, int64_t G, float* s, float* m, float* l,
-                             float* acc) {
+                             const float* q, [[maybe_unused]] const uint16_t* qsplit, int64_t G,
+                             float* s, float* m, float* l, float* acc) {
   constexpr int64_t D = NV * kLanes;
   // Scores row by row, 16 keys at a time: their dot products' lane vectors are summed together
   // by hsum16, bit-identical to one hsum each at a third of the shuffles. A K row is read
@@ -193,6 +246,20 @@ inline void decode_tile_fast(const T* k, const T* v, int64_t n, int64_t stride, 
       const float* qr = q + r * D;
       float* sr = s + r * kDecodeTile;
       int64_t j = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (uses_bf16_dot<NV, T>()) {
+        const uint16_t* qhi = qsplit + r * D;
+        const uint16_t* qlo = qsplit + (heads * G + r) * D;
+        for (; j + kLanes <= n; j += kLanes) {
+          vec16 dots[kLanes];
+          for (int t = 0; t < kLanes; ++t)
+            dots[kBitReversed[t]] = dot_lanes_bf16<NV>(qhi, qlo, kh + (j + t) * stride);
+          store16(sr + j, hsum16(dots));
+        }
+        for (; j < n; ++j) sr[j] = hsum(dot_lanes_bf16<NV>(qhi, qlo, kh + j * stride));
+        continue;
+      }
+#endif
       for (; j + kLanes <= n; j += kLanes) {
         vec16 dots[kLanes];
         for (int t = 0; t < kLanes; ++t)
@@ -238,6 +305,12 @@ void decode_range_t(const PagedCache<T>& c, const int32_t* table, int64_t h0, in
   const int64_t BS = c.block_size, stride = c.kv_heads * D;
   float* kbuf = s + (h1 - h0) * G * kDecodeTile;  // generic path: a bfloat16 tile, widened
   float* vbuf = kbuf + kDecodeTile * D;
+  // Pair-dot path: the query's bfloat16 parts, in the room the generic path widens into.
+  uint16_t* qsplit = reinterpret_cast<uint16_t*>(kbuf);
+#if defined(__AVX512BF16__)
+  if constexpr (DT > 0 && DT % kLanes == 0 && uses_bf16_dot<DT / kLanes, T>())
+    split_query_bf16(q, (h1 - h0) * G, D, qsplit);
+#endif
   for (int64_t t0 = begin; t0 < end;) {
     const int64_t blk = t0 / BS, off = t0 - blk * BS;
     const int64_t n = tile_length(c, t0, end);
@@ -256,8 +329,8 @@ void decode_range_t(const PagedCache<T>& c, const int32_t* table, int64_t h0, in
     // Query heads h * G + g share kv head h (GQA): row r = h * G + g, scores at
     // s[r * kDecodeTile + j].
     if constexpr (DT > 0 && DT % kLanes == 0) {
-      decode_tile_fast<DT / kLanes>(c.k + base, c.v + base, n, stride, h1 - h0, q, G, s, m, l,
-                                    acc);
+      decode_tile_fast<DT / kLanes>(c.k + base, c.v + base, n, stride, h1 - h0, q, qsplit, G, s,
+                                    m, l, acc);
     } else {
       for (int64_t h = 0; h < h1 - h0; ++h) {
         const int64_t r0 = h * G;

@@ -14,6 +14,7 @@
 // ever read (the rest of a block may hold anything, NaN included).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace kvmesh {
@@ -40,9 +41,11 @@ void decode_range(const PagedCache<T>& c, const int32_t* table, int64_t h0, int6
                   const float* q, int64_t groups, int64_t begin, int64_t end, float* m, float* l,
                   float* acc, float* scratch);
 
-// Floats of scratch decode_range needs: score tiles, and room to widen a bfloat16 K and V tile.
+// Floats of scratch decode_range needs: score tiles, then room to widen a bfloat16 K and V
+// tile or to hold the query rows' two bfloat16 parts (one float's room per query element).
 inline int64_t decode_scratch_floats(int64_t kv_heads, int64_t groups, int64_t head_dim) {
-  return kv_heads * groups * kDecodeTile + 2 * kDecodeTile * head_dim;
+  const int64_t rows = kv_heads * groups;
+  return rows * kDecodeTile + std::max(2 * kDecodeTile * head_dim, rows * head_dim);
 }
 
 // Combines `parts` partial states of the same rows (part p: m + p * rows, l + p * rows,
