@@ -479,7 +479,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for router, key in order:
             if router in router_peers.PEERS:
-                runs[key] = run_peer(args, router, port, work)
+                runs[key] = run_peer(args, router, key, port, work)
                 print(f"{key}: {one_line(runs[key])}", flush=True)
                 continue
             config = app_config(args, router, port)
@@ -552,9 +552,12 @@ def round_summary(runs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_peer(args: argparse.Namespace, router: str, port: int, work: Workload) -> dict[str, Any]:
+def run_peer(
+    args: argparse.Namespace, router: str, key: str, port: int, work: Workload
+) -> dict[str, Any]:
     """One peer router in front of fresh single-replica kvmesh backends (fresh replicas, empty
-    caches, a fresh router process), all of it torn down afterwards."""
+    caches, a fresh router process), all of it torn down afterwards. Its log goes to
+    ``<out>_logs/<key>.log`` (``key``: the router and its round)."""
     from ray import serve
 
     from kvmesh.cluster.app import build_app
@@ -562,7 +565,8 @@ def run_peer(args: argparse.Namespace, router: str, port: int, work: Workload) -
 
     configs = backend_configs(args, router, port)
     backends = [c.url for c in configs]
-    logs = Path(args.out).parent / "router_real_logs"
+    out = Path(args.out)
+    logs = out.parent / f"{out.name}_logs"  # per output stem: another run's logs stay
     families = ("kvmesh:prefix_cache", "kvmesh:request_success")
     started = time.perf_counter()
     try:
@@ -573,7 +577,7 @@ def run_peer(args: argparse.Namespace, router: str, port: int, work: Workload) -
             warm_up(url, 1)  # each backend directly: the peer's own state starts empty too
         peer_port, metrics_port = free_port(), free_port()
         calls_before = _add_calls(http_calls(b) for b in backends)
-        log = logs / f"{router}.log"
+        log = logs / f"{key.replace(ROUND_MARK, '_round')}.log"
         # The peer talks to the backends directly: kvmesh takes its requests as they come.
         with router_peers.peer(router, peer_port, metrics_port, backends, log) as url:
             print(f"# {router}: ready in {time.perf_counter() - started:.0f}s", flush=True)
@@ -799,8 +803,9 @@ def main(argv: list[str] | None = None) -> int:
     report["rounds"] = round_summary(report["runs"])
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    stem.with_suffix(".md").write_text(markdown(report))
+    # Appended, not with_suffix: a stem such as "loads_0.1" keeps its ".1".
+    stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(report, indent=2, default=str))
+    stem.parent.joinpath(stem.name + ".md").write_text(markdown(report))
     print(markdown(report))
     print(f"wrote {stem}.json / .md")
     return 0
