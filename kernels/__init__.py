@@ -11,6 +11,7 @@ import os
 from kvmesh.kernels import torch_ops
 from kvmesh.kernels.cpu_linear import (
     PackableLinear,
+    PackedWeight,
     pack_linear_weight,
     packed_linear,
     packing_enabled,
@@ -62,6 +63,7 @@ __all__ = [
     "AttentionMetadata",
     "KVCacheLayer",
     "PackableLinear",
+    "PackedWeight",
     "kernel_backend",
     "pack_linear_weight",
     "packed_linear",

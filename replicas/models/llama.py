@@ -117,7 +117,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # The tied head's packed copy of the embedding (the lookup keeps the plain one).
-        self.packed_tied_head: torch.Tensor | None = None
+        self.packed_tied_head: kernels.PackedWeight | None = None
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
