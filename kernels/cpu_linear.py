@@ -10,14 +10,15 @@ The results are float32 sums in another order than the BLAS's, so they differ fr
 ``F.linear`` in the last bits, as two BLAS builds do; greedy tokens stay those of the reference
 models (the architecture tests check it with packing on).
 
-bfloat16 weights on a CPU with AVX512-BF16 and no AMX (AMD Zen 4) go to kvmesh's own kernel
-instead (``csrc/linear_bf16_cpu.h``): there oneDNN's packed bfloat16 matmul reached ~58 % of the
-CPU's peak at 16 rows and streamed one-row weights at half the memory's speed; the kernel took a
-2-core Zen 4's SmolLM2 step linears from 13.3 to 8.4 ms at one row, 17.6 to 13.5 ms at 16, and
-matched oneDNN from 256 rows on. Where AMX is present oneDNN multiplies on its tiles and stays.
+On a CPU with AVX-512 kvmesh's own kernel serves instead (``csrc/linear_cpu.h``: float32 with
+AVX-512F; bfloat16 with AVX512-BF16 and no AMX, where oneDNN multiplies on the AMX tiles).
+oneDNN's packed matmul left most of the CPU's speed unused at decode sizes: on a 2-core Zen 4
+with SmolLM2's step (30 layers and the LM head, distinct weights) the kernel took bfloat16
+from 13.3 to 8.4 ms at one row and 17.6 to 13.5 ms at 16, float32 from 23.7 to 16.2 ms at one
+row and 32.9 to 25.8 at 16, and matched oneDNN from 256 rows on.
 
 ``KVMESH_CPU_PACKED_LINEAR=0`` turns packing off (for A/B measurements and as an escape hatch);
-``KVMESH_CPU_BF16_DOT_LINEAR=0`` keeps oneDNN for bfloat16 where the kernel would be chosen.
+``KVMESH_CPU_DOT_LINEAR=0`` keeps oneDNN where the kernel would be chosen.
 """
 
 from __future__ import annotations
@@ -41,31 +42,29 @@ def packing_enabled() -> bool:
 
 
 @dataclass(frozen=True)
-class BF16DotWeight:
-    """A bfloat16 weight packed for the AVX512-BF16 kernel: ``data`` [ceil(N/16), K/2, 16, 2]."""
+class DotWeight:
+    """A weight packed for kvmesh's AVX-512 kernel: ``data`` [ceil(N/16), K/depth, 16, depth]
+    (depth 2 for bfloat16's feature pairs, 1 for float32)."""
 
     data: torch.Tensor
     out_features: int
 
 
-def bf16_dot_kernel() -> ModuleType | None:
-    """The native module when its AVX512-BF16 linear serves bfloat16 weights here, else None:
-    switched on (``KVMESH_CPU_BF16_DOT_LINEAR``), built for AVX512-BF16, and no AMX (there
-    oneDNN's tiles are the faster path)."""
-    if not env_switch("KVMESH_CPU_BF16_DOT_LINEAR"):
+def dot_linear_kernel(dtype: torch.dtype) -> ModuleType | None:
+    """The native module when its AVX-512 linear serves ``dtype`` weights here, else None:
+    switched on (``KVMESH_CPU_DOT_LINEAR``), built for the dtype (float32: AVX-512F; bfloat16:
+    AVX512-BF16), and for bfloat16 no AMX (oneDNN's tiles are the faster path there)."""
+    if dtype not in (torch.float32, torch.bfloat16) or not env_switch("KVMESH_CPU_DOT_LINEAR"):
         return None
-    if "amx_bf16" in cpu_native.cpu_flags().split():
+    if dtype == torch.bfloat16 and "amx_bf16" in cpu_native.cpu_flags().split():
         return None
     ops = cpu_native.native_ops()
-    return ops if ops is not None and ops.bf16_dot_linear_available() else None
+    return ops if ops is not None and ops.dot_linear_available(dtype) else None
 
 
 def packing_supported(dtype: torch.dtype) -> bool:
-    """Whether a CPU weight of ``dtype`` can be packed here (for kvmesh's bfloat16 kernel or
-    for oneDNN)."""
-    if dtype == torch.bfloat16 and bf16_dot_kernel() is not None:
-        return True
-    return packing_supported_by_onednn(dtype)
+    """Whether a CPU weight of ``dtype`` can be packed here (for kvmesh's kernel or oneDNN)."""
+    return dot_linear_kernel(dtype) is not None or packing_supported_by_onednn(dtype)
 
 
 def packing_supported_by_onednn(dtype: torch.dtype) -> bool:
@@ -82,18 +81,17 @@ def packing_supported_by_onednn(dtype: torch.dtype) -> bool:
     return False
 
 
-PackedWeight = torch.Tensor | BF16DotWeight
-"""What ``pack_linear_weight`` returns: an opaque oneDNN tensor, or a ``BF16DotWeight``."""
+PackedWeight = torch.Tensor | DotWeight
+"""What ``pack_linear_weight`` returns: an opaque oneDNN tensor, or a ``DotWeight``."""
 
 
 def pack_linear_weight(weight: torch.Tensor) -> PackedWeight:
-    """``weight`` ([out, in], on the CPU) in the layout its matmul reads: kvmesh's bfloat16
-    kernel's where ``bf16_dot_kernel`` offers it (even ``in``), else oneDNN's."""
+    """``weight`` ([out, in], on the CPU) in the layout its matmul reads: kvmesh's kernel's
+    where ``dot_linear_kernel`` offers it (for bfloat16, an even ``in``), else oneDNN's."""
     weight = weight.detach().contiguous()
-    if weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0:
-        ops = bf16_dot_kernel()
-        if ops is not None:
-            return BF16DotWeight(ops.pack_bf16_dot_weight(weight), weight.shape[0])
+    ops = dot_linear_kernel(weight.dtype)
+    if ops is not None and (weight.dtype == torch.float32 or weight.shape[1] % 2 == 0):
+        return DotWeight(ops.pack_dot_linear_weight(weight), weight.shape[0])
     return torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT)
 
 
@@ -101,10 +99,10 @@ def packed_linear(
     x: torch.Tensor, packed_weight: PackedWeight, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for the weight that ``pack_linear_weight`` packed."""
-    if isinstance(packed_weight, BF16DotWeight):
+    if isinstance(packed_weight, DotWeight):
         n = packed_weight.out_features
         rows = x.reshape(-1, x.shape[-1])
-        y = cpu_native.native_ops().linear_bf16_dot(rows, packed_weight.data, bias, n)
+        y = cpu_native.native_ops().dot_linear(rows, packed_weight.data, bias, n)
         return y.view(*x.shape[:-1], n)
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 

@@ -1,5 +1,5 @@
 """On/off switches read from the environment (``KVMESH_CPU_PACKED_LINEAR``,
-``KVMESH_CPU_BF16_DOT_LINEAR``, ``KVMESH_CPU_MALLOC_TUNING``): one spelling of on and off for
+``KVMESH_CPU_DOT_LINEAR``, ``KVMESH_CPU_MALLOC_TUNING``): one spelling of on and off for
 all of them, and a clear error for anything else rather than a silent default."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@
 #include "attention_cpu.h"
 #include "elementwise_cpu.h"
 #include "extend_amx.h"
-#include "linear_bf16_cpu.h"
+#include "linear_cpu.h"
 
 namespace {
 
@@ -359,10 +359,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_and_cache", &kvmesh::rotary_and_cache,
         "RoPE of q and k, q returned as float32, k and v written into the paged caches");
   m.def("argmax_rows", &kvmesh::argmax_rows, "first maximum of each row of a float32 [B, V]");
-  m.def("bf16_dot_linear_available", &kvmesh::bf16_dot_linear_available,
-        "whether this build has the AVX512-BF16 linear kernel");
-  m.def("pack_bf16_dot_weight", &kvmesh::pack_bf16_dot_weight,
-        "a bfloat16 [out, in] weight in the layout linear_bf16_dot reads");
-  m.def("linear_bf16_dot", &kvmesh::linear_bf16_dot,
-        "bfloat16 x @ W^T (+ bias) through AVX512-BF16 pair dot products, float32 sums");
+  m.def("dot_linear_available", &kvmesh::dot_linear_available,
+        "whether this build has the AVX-512 linear kernel for a dtype");
+  m.def("pack_dot_linear_weight", &kvmesh::pack_dot_linear_weight,
+        "a float32 or bfloat16 [out, in] weight in the layout dot_linear reads");
+  m.def("dot_linear", &kvmesh::dot_linear,
+        "x @ W^T (+ bias) through broadcast FMAs (float32) or AVX512-BF16 pair dot products");
 }
