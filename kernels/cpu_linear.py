@@ -1,21 +1,22 @@
-"""Linear layers on a CPU through oneDNN, with each weight reordered ("packed") once at load.
+"""Linear layers on a CPU through a weight reordered ("packed") once at load: into the layout of
+kvmesh's own AVX-512 kernel where it serves, else into oneDNN's.
 
-``F.linear`` on a CPU hands a plain row-major weight to the BLAS on every call; oneDNN can
-instead keep the weight in the blocked layout its matmul kernel reads, so the reorder is paid
-once. Measured on a 2-core AMD EPYC (avx512f, avx512_bf16) with SmolLM2-135M's shapes, float32:
-the fused gate/up projection (576 -> 3072) 2.9 -> 1.7 ms at 64 rows and 0.30 -> 0.09 ms at one
+``F.linear`` on a CPU hands a plain row-major weight to the BLAS on every call; a packed weight
+sits in the blocked layout the matmul kernel reads, so the reorder is paid once. oneDNN,
+measured on a 2-core AMD EPYC (avx512f, avx512_bf16) with SmolLM2-135M's shapes, float32: the
+fused gate/up projection (576 -> 3072) 2.9 -> 1.7 ms at 64 rows and 0.30 -> 0.09 ms at one
 row; the 49,152-row LM head 55 -> 21 ms at 64 rows. bfloat16 gains less (1.0-2.6x).
 
 The results are float32 sums in another order than the BLAS's, so they differ from
 ``F.linear`` in the last bits, as two BLAS builds do; greedy tokens stay those of the reference
 models (the architecture tests check it with packing on).
 
-On a CPU with AVX-512 kvmesh's own kernel serves instead (``csrc/linear_cpu.h``: float32 with
+On a CPU with AVX-512 kvmesh's own kernel serves (``csrc/linear_cpu.h``: float32 with
 AVX-512F; bfloat16 with AVX512-BF16 and no AMX, where oneDNN multiplies on the AMX tiles).
-oneDNN's packed matmul left most of the CPU's speed unused at decode sizes: on a 2-core Zen 4
-with SmolLM2's step (30 layers and the LM head, distinct weights) the kernel took bfloat16
-from 13.3 to 8.4 ms at one row and 17.6 to 13.5 ms at 16, float32 from 23.7 to 16.2 ms at one
-row and 32.9 to 25.8 at 16, and matched oneDNN from 256 rows on.
+oneDNN's packed matmul left much of the CPU unused at decode sizes: on a 2-core Zen 4 with
+SmolLM2's step (30 layers and the LM head, distinct weights; ``bench/cpu_linear_bench.py``)
+the kernel took bfloat16 from 14.1 to 8.7 ms at one row and 18.0 to 13.6 ms at 16, float32
+from 23.1 to 15.3 ms at one row and 31.0 to 24.1 at 16, and matched oneDNN from 256 rows on.
 
 ``KVMESH_CPU_PACKED_LINEAR=0`` turns packing off (for A/B measurements and as an escape hatch);
 ``KVMESH_CPU_DOT_LINEAR=0`` keeps oneDNN where the kernel would be chosen.
@@ -110,7 +111,7 @@ def packed_linear(
 class PackableLinear(torch.nn.Linear):
     """``nn.Linear`` that multiplies through a packed weight once ``pack()`` has run.
 
-    Packing moves the weight into oneDNN's layout and leaves a meta-device parameter of the
+    Packing moves the weight into the packed layout and leaves a meta-device parameter of the
     same shape and dtype behind, so the weight is not held twice and the model's parameter
     count and bytes still read true. Load weights before packing; a packed layer cannot be
     loaded or moved again."""

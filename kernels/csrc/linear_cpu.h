@@ -8,12 +8,12 @@
 // accumulators per 3 weight loads.
 //
 // Why not oneDNN's packed matmul, which kvmesh used before: on a 2-core Zen 4 with
-// SmolLM2-135M's shapes (30 layers' distinct weights, then the LM head, as in a step), oneDNN
-// took 16.0 / 23.6 / 52.3 / 339 ms in bfloat16 at 1 / 16 / 64 / 512 rows and this kernel
-// 9.2 / 16.6 / 46.0 / 334 ms; float32 23.7 / 32.9 / 92.6 / 335 against 16.2 / 25.8 / 82.5 /
-// 333 ms: at one row it streams the weights at the memory's speed, from 16 rows on the
-// broadcast keeps 24 accumulators busy per weight load, and at prefill sizes both are at the
-// CPU's peak. The bindings live in paged_decode_cpu.cpp.
+// SmolLM2-135M's shapes (30 layers' distinct weights, then the LM head, as in a step;
+// bench/cpu_linear_bench.py), oneDNN took 14.1 / 18.0 / 47.8 / 321 ms in bfloat16 at 1 / 16 /
+// 64 / 512 rows and this kernel 8.7 / 13.6 / 42.5 / 318 ms; float32 23.1 / 31.0 / 90.3 / 676
+// against 15.3 / 24.1 / 81.7 / 673 ms: at one row it streams the weights at the memory's
+// speed, from 16 rows on the broadcast keeps 24 accumulators busy per weight load, and at
+// prefill sizes both are at the CPU's peak. The bindings live in paged_decode_cpu.cpp.
 #pragma once
 
 #include <torch/extension.h>

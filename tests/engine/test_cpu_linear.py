@@ -73,22 +73,37 @@ def test_switch_values(monkeypatch):
         packing_enabled()
 
 
+def greedy_tokens_off_and_on(path, monkeypatch, assert_all_blocks_free, switch, check, **llm_args):
+    """Greedy tokens of three prompts from the model at ``path`` with the environment switch
+    ``switch`` off, then on; ``check(llm, on)`` inspects each engine before it generates."""
+    prompts = [[5, 9, 13, 2, 7], [1, 2, 3], list(range(10, 60))]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    runs = []
+    for on in (False, True):
+        monkeypatch.setenv(switch, "1" if on else "0")
+        llm = LLM(str(path), max_num_seqs=4, num_kv_blocks=64, **llm_args)
+        check(llm, on)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        runs.append([o.outputs[0].token_ids for o in outs])
+        assert_all_blocks_free(llm)
+    return runs
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_packed_and_plain_models_give_the_same_greedy_tokens(
     make_tiny_model, monkeypatch, assert_all_blocks_free, tied
 ):
-    path = make_tiny_model("llama", tie_word_embeddings=tied)
-    prompts = [[5, 9, 13, 2, 7], [1, 2, 3], list(range(10, 60))]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    results = {}
-    for setting in ("0", "1"):
-        monkeypatch.setenv("KVMESH_CPU_PACKED_LINEAR", setting)
-        llm = LLM(str(path), max_num_seqs=4, num_kv_blocks=64)
-        assert llm.engine.runner.packed_linear_layers == (setting == "1")
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-        results[setting] = [o.outputs[0].token_ids for o in outs]
-        assert_all_blocks_free(llm)
-    assert results["0"] == results["1"]
+    def packed_when_on(llm, on):
+        assert llm.engine.runner.packed_linear_layers == on
+
+    off, on = greedy_tokens_off_and_on(
+        make_tiny_model("llama", tie_word_embeddings=tied),
+        monkeypatch,
+        assert_all_blocks_free,
+        "KVMESH_CPU_PACKED_LINEAR",
+        packed_when_on,
+    )
+    assert off == on
 
 
 # ---- kvmesh's AVX-512 kernel (csrc/linear_cpu.h) ---------------------------------------------
@@ -184,25 +199,24 @@ def test_models_agree_through_either_kernel(
     so later bfloat16 tokens may part where two logits tie within its precision)."""
     if not packing_supported_by_onednn(dtype):
         pytest.skip("oneDNN cannot pack this dtype here: nothing to compare with")
-    path = make_tiny_model("llama", tie_word_embeddings=False)
-    prompts = [[5, 9, 13, 2, 7], [1, 2, 3], list(range(10, 60))]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    runs = {}
-    for setting in ("0", "1"):
-        monkeypatch.setenv("KVMESH_CPU_DOT_LINEAR", setting)
-        llm = LLM(
-            str(path), dtype=str(dtype).removeprefix("torch."), max_num_seqs=4, num_kv_blocks=64
-        )
+
+    def kernel_when_on(llm, on):
         layers = [
             m.packed_weight
             for m in llm.engine.runner.model.modules()
             if isinstance(m, PackableLinear)
         ]
-        assert layers and all(isinstance(w, DotWeight) == (setting == "1") for w in layers)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-        runs[setting] = [o.outputs[0].token_ids for o in outs]
-        assert_all_blocks_free(llm)
+        assert layers and all(isinstance(w, DotWeight) == on for w in layers)
+
+    onednn, kernel = greedy_tokens_off_and_on(
+        make_tiny_model("llama", tie_word_embeddings=False),
+        monkeypatch,
+        assert_all_blocks_free,
+        "KVMESH_CPU_DOT_LINEAR",
+        kernel_when_on,
+        dtype=str(dtype).removeprefix("torch."),
+    )
     if dtype == torch.float32:
-        assert runs["0"] == runs["1"]
+        assert onednn == kernel
     else:
-        assert [t[0] for t in runs["0"]] == [t[0] for t in runs["1"]]
+        assert [t[0] for t in onednn] == [t[0] for t in kernel]
