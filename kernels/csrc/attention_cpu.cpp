@@ -181,10 +181,11 @@ inline vec16 dot_lanes(const float* q, const T* k) {
 // A bfloat16 cache's scores with AVX512-BF16's pair dot product (vdpbf16ps): K's bfloat16 rows
 // multiply a bfloat16 copy of the query without being widened, which is most of what a
 // bfloat16 decode tile spends when K is read once per query head sharing it. The query goes in
-// as two bfloat16 parts, hi = bf16(q) and lo = bf16(q - hi), so hi + lo holds q to ~2^-18
-// relative; a product of two bfloat16 is exact in float32, so each score differs from the
-// float32-arithmetic path only in the order of its float32 sums (well inside the kernels' 2e-5
-// agreement with the torch twin).
+// as three bfloat16 parts, hi = bf16(q), mid = bf16(q - hi), lo = bf16(q - hi - mid), which
+// hold q to ~2^-27 relative; a product of two bfloat16 is exact in float32, so each score
+// differs from the float32-arithmetic path only in the order of its float32 sums. Two parts
+// (q to ~2^-18) were not enough: at head dim 128 a score's error reached ~1e-5 and an output
+// left the kernels' 2e-5 agreement with the torch twin (a randomised kernel test found it).
 constexpr bool kBf16Dot = true;
 
 inline __m512bh load_bh(const uint16_t* p) {
@@ -194,25 +195,30 @@ inline __m512bh load_bh(const uint16_t* p) {
   return v;
 }
 
-// rows x D query floats as their hi parts (rows x D) followed by their lo parts.
+// The bfloat16 parts of the query's rows x D floats: all hi parts, then all mid, then all lo.
+constexpr int kQueryParts = 3;
 inline void split_query_bf16(const float* q, int64_t rows, int64_t D, uint16_t* out) {
   const int64_t n = rows * D;
   for (int64_t i = 0; i < n; ++i) {
-    const uint16_t hi = float_to_bf16(q[i]);
-    out[i] = hi;
-    out[n + i] = float_to_bf16(q[i] - bf16_to_float(hi));
+    float rest = q[i];
+    for (int part = 0; part < kQueryParts; ++part) {
+      const uint16_t bits = float_to_bf16(rest);
+      out[part * n + i] = bits;
+      rest -= bf16_to_float(bits);
+    }
   }
 }
 
-// Lane partials of q . k over D = NV * 16 elements (hsum finishes the dot product).
+// Lane partials of q . k over D = NV * 16 elements (hsum finishes the dot product); `qpart`
+// points at the row's hi part, the other parts `part_stride` elements apart.
 template <int NV>
-inline vec16 dot_lanes_bf16(const uint16_t* qhi, const uint16_t* qlo, const uint16_t* k) {
+inline vec16 dot_lanes_bf16(const uint16_t* qpart, int64_t part_stride, const uint16_t* k) {
   static_assert(NV % 2 == 0, "whole 32-element bfloat16 vectors");
   __m512 d = _mm512_setzero_ps();
   for (int i = 0; i < NV / 2; ++i) {
     const __m512bh kv = load_bh(k + 32 * i);
-    d = _mm512_dpbf16_ps(d, kv, load_bh(qhi + 32 * i));
-    d = _mm512_dpbf16_ps(d, kv, load_bh(qlo + 32 * i));
+    for (int part = 0; part < kQueryParts; ++part)
+      d = _mm512_dpbf16_ps(d, kv, load_bh(qpart + part * part_stride + 32 * i));
   }
   vec16 out;
   std::memcpy(&out, &d, sizeof out);
@@ -248,15 +254,15 @@ inline void decode_tile_fast(const T* k, const T* v, int64_t n, int64_t stride, 
       int64_t j = 0;
 #if defined(__AVX512BF16__)
       if constexpr (uses_bf16_dot<NV, T>()) {
-        const uint16_t* qhi = qsplit + r * D;
-        const uint16_t* qlo = qsplit + (heads * G + r) * D;
+        const uint16_t* qr16 = qsplit + r * D;
+        const int64_t parts_apart = heads * G * D;
         for (; j + kLanes <= n; j += kLanes) {
           vec16 dots[kLanes];
           for (int t = 0; t < kLanes; ++t)
-            dots[kBitReversed[t]] = dot_lanes_bf16<NV>(qhi, qlo, kh + (j + t) * stride);
+            dots[kBitReversed[t]] = dot_lanes_bf16<NV>(qr16, parts_apart, kh + (j + t) * stride);
           store16(sr + j, hsum16(dots));
         }
-        for (; j < n; ++j) sr[j] = hsum(dot_lanes_bf16<NV>(qhi, qlo, kh + j * stride));
+        for (; j < n; ++j) sr[j] = hsum(dot_lanes_bf16<NV>(qr16, parts_apart, kh + j * stride));
         continue;
       }
 #endif

@@ -42,10 +42,10 @@ void decode_range(const PagedCache<T>& c, const int32_t* table, int64_t h0, int6
                   float* acc, float* scratch);
 
 // Floats of scratch decode_range needs: score tiles, then room to widen a bfloat16 K and V
-// tile or to hold the query rows' two bfloat16 parts (one float's room per query element).
+// tile or to hold the query rows' three bfloat16 parts (1.5 floats' room per query element).
 inline int64_t decode_scratch_floats(int64_t kv_heads, int64_t groups, int64_t head_dim) {
   const int64_t rows = kv_heads * groups;
-  return rows * kDecodeTile + std::max(2 * kDecodeTile * head_dim, rows * head_dim);
+  return rows * kDecodeTile + std::max(2 * kDecodeTile * head_dim, (3 * rows * head_dim + 1) / 2);
 }
 
 // Combines `parts` partial states of the same rows (part p: m + p * rows, l + p * rows,
