@@ -35,13 +35,13 @@ def run_dtype(dtype: torch.dtype, rows_list: list[int], repeats: int) -> list[di
     torch.manual_seed(0)
     shapes = LAYER_SHAPES * LAYERS + [LM_HEAD]
     weights = [torch.randn(n, k, dtype=dtype) * 0.05 for k, n in shapes]
-    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in weights]
+    onednn = [cpu_linear.pack_for_onednn(w) for w in weights]
     dot = [ops.pack_dot_linear_weight(w) for w in weights]
     del weights
 
     def onednn_pass(xs: dict[int, torch.Tensor]) -> None:
         for (k, _), w in zip(shapes, onednn, strict=True):
-            torch.ops.mkldnn._linear_pointwise(xs[k], w, None, "none", [], "")
+            cpu_linear.packed_linear(xs[k], w, None)
 
     def dot_pass(xs: dict[int, torch.Tensor]) -> None:
         for (k, n), w in zip(shapes, dot, strict=True):

@@ -93,7 +93,13 @@ def pack_linear_weight(weight: torch.Tensor) -> PackedWeight:
     ops = dot_linear_kernel(weight.dtype)
     if ops is not None and (weight.dtype == torch.float32 or weight.shape[1] % 2 == 0):
         return DotWeight(ops.pack_dot_linear_weight(weight), weight.shape[0])
-    return torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT)
+    return pack_for_onednn(weight)
+
+
+def pack_for_onednn(weight: torch.Tensor) -> torch.Tensor:
+    """An opaque oneDNN tensor holding ``weight`` ([out, in], on the CPU) in matmul layout,
+    whatever ``dot_linear_kernel`` says (``packed_linear`` multiplies through it)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _BATCH_HINT)
 
 
 def packed_linear(
