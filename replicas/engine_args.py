@@ -32,6 +32,13 @@ class EngineArgs(BaseModel):
         "(0 = no cap beyond max_num_batched_tokens), so a long prompt leaves room in every "
         "step for newly arrived requests instead of making them wait for its whole prefill.",
     )
+    max_long_partial_prefills: int = Field(
+        default=1,
+        ge=1,
+        description="With long_prefill_token_threshold: how many prompts longer than it are "
+        "prefilled at once. A further long prompt waits its turn while shorter requests behind "
+        "it go ahead; sharing every step between long prompts would make them all finish late.",
+    )
     max_model_len: int | None = Field(default=None, ge=1)
     num_kv_blocks: int | None = Field(default=None, ge=1)
     kv_cache_memory_bytes: int | None = Field(default=None, ge=1)

@@ -143,6 +143,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             allocate_bitmask=self.structured.allocate_bitmask,
             long_prefill_token_threshold=args.long_prefill_token_threshold,
+            max_long_partial_prefills=args.max_long_partial_prefills,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()

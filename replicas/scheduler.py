@@ -5,7 +5,10 @@ step spends a token budget. Running requests go first (their decodes, or the nex
 long prompt), in admission order; waiting requests are then admitted first-come,
 first-served while the budget, ``max_num_seqs`` and the KV pool allow. With
 ``long_prefill_token_threshold`` one request computes at most that many prompt tokens per
-step, so a long prompt's prefill leaves budget for requests that arrive behind it. When the
+step, so a long prompt's prefill leaves budget for requests that arrive behind it; and at most
+``max_long_partial_prefills`` such long prompts are prefilled at once: a further long prompt
+waits (short ones behind it go ahead), so two cold prompts do not share every step and both
+finish late. When the
 pool runs dry, the most recently admitted request is preempted by recompute: its blocks are
 freed and it goes back to the front of the queue with its output so far, to be re-prefilled
 (often from the prefix cache) and continue where it stopped.
@@ -56,6 +59,7 @@ class Scheduler:
         max_model_len: int | None = None,
         allocate_bitmask: Callable[[int], Any] | None = None,
         long_prefill_token_threshold: int = 0,
+        max_long_partial_prefills: int = 1,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
@@ -65,6 +69,13 @@ class Scheduler:
         # long prompt's chunk takes the whole budget and requests arriving behind it wait for
         # all of its prefill before their first step.
         self.prefill_cap = long_prefill_token_threshold if enable_chunked_prefill else 0
+        # With a cap, how many prompts needing more than one capped chunk prefill at once.
+        # Sharing steps between two long prompts makes both finish late (p99 TTFT rises); one
+        # at a time keeps first-come-first-served among them, and the cap still lets short
+        # prompts through between chunks.
+        if max_long_partial_prefills < 1:
+            raise ValueError("max_long_partial_prefills must be at least 1")
+        self.max_long_partial_prefills = max_long_partial_prefills
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         # Structured output: an empty (all-allowed) token bitmask of n rows.
@@ -129,6 +140,9 @@ class Scheduler:
         preempted: list[Request] = []
         budget = self.token_budget if self.token_budget is not None else 1 << 62
 
+        # Long prompts still prefilling after this step (they hold back other long ones).
+        num_long = self._num_long_prefills()
+
         # 1. Running requests: decodes and continuing prefill chunks.
         i = 0
         while i < len(self.running) and budget > 0:
@@ -150,14 +164,21 @@ class Scheduler:
 
         # 2. Admit waiting requests, first come first served (none if we just preempted).
         if not preempted:
-            self._admit(scheduled, budget)
+            self._admit(scheduled, budget, num_long)
         return self._output(scheduled, preempted)
 
     def _capped(self, num_new: int) -> int:
         cap = self.prefill_cap
         return cap if 0 < cap < num_new else num_new
 
-    def _admit(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
+    def _num_long_prefills(self) -> int:
+        """Running requests with more prompt left than one capped chunk (0 without a cap)."""
+        cap = self.prefill_cap
+        if cap <= 0:
+            return 0
+        return sum(1 for r in self.running if self._left_to_compute(r) > cap)
+
+    def _admit(self, scheduled: list[tuple[Request, int]], budget: int, num_long: int) -> None:
         pending = self._blocks_in_flight()
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -174,6 +195,14 @@ class Scheduler:
                 continue
             num_hit = prefix.num_tokens
             num_new = self._capped(req.num_tokens - num_hit)
+            is_long = num_new < req.num_tokens - num_hit
+            if is_long and num_long >= self.max_long_partial_prefills:
+                if len(deferred) >= MAX_DEFERRED:
+                    break
+                # Another long prompt is prefilling: this one waits its turn, and shorter
+                # requests behind it go ahead.
+                deferred.append(self.waiting.popleft())
+                continue
             if num_new > budget:
                 if not self.chunked:
                     break
@@ -191,6 +220,7 @@ class Scheduler:
             self._running_pending += self._left_to_compute(req)
             scheduled.append((req, num_new))
             budget -= num_new
+            num_long += is_long
             if pending is not None:
                 pending.update(self._uncomputed_prompt_blocks(req))
         # Deferred requests keep their place at the head of the queue.

@@ -198,3 +198,39 @@ def test_a_long_prompt_leaves_room_for_a_request_behind_it():
         for rid in ("long", "short"):
             s.finish_requests([rid], "abort", None)
         assert s.kv.num_blocks_free == s.kv.num_blocks_total
+
+
+def test_one_long_prompt_prefills_at_a_time_and_short_ones_pass_the_waiting_one():
+    """Cap 4, budget 12: of two 10-token prompts only the first prefills while it needs more
+    than one chunk (sharing every step would finish both late); a 3-token request behind the
+    second runs in the first step. The second starts in the step the first takes its last
+    chunk, and everything prefills in the original order otherwise."""
+    params = SamplingParams(temperature=0, max_tokens=4, min_tokens=0, ignore_eos=True)
+    s = make_scheduler(None, caching=False, prefill_cap=4)
+    s.add(Request("long1", list(range(3, 13)), params, 4))
+    s.add(Request("long2", list(range(20, 30)), params, 4))
+    s.add(Request("short", [30, 31, 32], params, 4))
+    runner, rng = FakeRunner(), random.Random(0)
+    steps = []
+    while s.has_work() and len(steps) < 20:
+        sched = s.schedule()
+        steps.append({c.request_id: c.num_tokens for c in sched.chunks})
+        s.update_from_output(sched, runner.execute(sched, rng, set()))
+    assert steps[:4] == [
+        {"long1": 4, "short": 3},
+        {"long1": 4, "short": 1},
+        {"long1": 2, "short": 1, "long2": 4},
+        {"long1": 1, "short": 1, "long2": 4},
+    ]
+    assert s.kv.num_blocks_free == s.kv.num_blocks_total
+
+    # Two at once when allowed: both long prompts share the first step.
+    s = make_scheduler(None, caching=False, prefill_cap=4)
+    s.max_long_partial_prefills = 2
+    s.add(Request("long1", list(range(3, 13)), params, 4))
+    s.add(Request("long2", list(range(20, 30)), params, 4))
+    sched = s.schedule()
+    assert {c.request_id: c.num_tokens for c in sched.chunks} == {"long1": 4, "long2": 4}
+    for rid in ("long1", "long2"):
+        s.finish_requests([rid], "abort", None)
+    assert s.kv.num_blocks_free == s.kv.num_blocks_total
