@@ -97,7 +97,12 @@ def _ms(v: float | None) -> float | None:
 
 
 def app_config(
-    model: str | None, replicas: int, port: int, cpus: int, threads: int | None = None
+    model: str | None,
+    replicas: int,
+    port: int,
+    cpus: int,
+    threads: int | None = None,
+    engine: dict[str, Any] | None = None,
 ) -> AppConfig:
     # As `kvmesh serve` splits the cores (unless --torch-threads fixes the count).
     engine_threads = threads or engine_threads_per_replica(cpus, replicas)
@@ -109,7 +114,12 @@ def app_config(
             "models": [
                 {
                     "name": "bench",
-                    "engine": {"model": model, "max_model_len": 2048, "max_num_seqs": 64},
+                    "engine": {
+                        "model": model,
+                        "max_model_len": 2048,
+                        "max_num_seqs": 64,
+                        **(engine or {}),
+                    },
                     "replicas": replicas,
                     "num_cpus": float(ray_cpus),
                     "torch_threads": engine_threads,
@@ -136,7 +146,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     try:
         for replicas in args.replicas:
-            config = app_config(args.model, replicas, port, cpus, args.torch_threads)
+            config = app_config(
+                args.model, replicas, port, cpus, args.torch_threads, json.loads(args.engine)
+            )
             started = time.perf_counter()
             serve.run(build_app(config), name=config.name, route_prefix="/")
             wait_until_ready(url, timeout_s=600)
@@ -176,6 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "input_len": args.input_len,
             "output_len": args.output_len,
         },
+        "engine": json.loads(args.engine),
         "runs": runs,
     }
 
@@ -223,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="per replica (default: as `kvmesh serve`: cores - 1 split between replicas)",
+    )
+    p.add_argument(
+        "--engine",
+        default="{}",
+        help="JSON engine arguments over the defaults, e.g. "
+        "'{\"long_prefill_token_threshold\": 0}'",
     )
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks the wiring")
     p.add_argument("--out", default=str(OUT / "serve_bench"), help="output path stem")
