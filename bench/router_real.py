@@ -76,7 +76,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvmesh.cluster import loadgen
 from kvmesh.cluster.app_config import AppConfig
 from kvmesh.cluster.serve_env import apply_serve_process_env
-from kvmesh.replicas.engine_args import SERVING_CPU_LONG_PREFILL_TOKENS, EngineArgs
+from kvmesh.replicas.engine_args import EngineArgs
 
 sys.path.insert(0, str(Path(__file__).parent))
 import router_peers
@@ -281,11 +281,7 @@ def _app_config(
                         "max_model_len": 8192,
                         "max_num_seqs": 32,
                         "max_num_batched_tokens": args.chunk_tokens,
-                        **(
-                            {}
-                            if args.long_prefill_tokens is None
-                            else {"long_prefill_token_threshold": args.long_prefill_tokens}
-                        ),
+                        "long_prefill_token_threshold": args.long_prefill_tokens,
                         "num_kv_blocks": args.kv_blocks,
                     },
                     "replicas": replicas,
@@ -658,19 +654,13 @@ def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
-def _prefill_cap(tokens: int | None) -> str:
-    if tokens is None:
-        return f"{SERVING_CPU_LONG_PREFILL_TOKENS} (serving default)"
-    return str(tokens) if tokens else "none"
-
-
 def markdown(report: dict[str, Any]) -> str:
     w = report["workload"]
     lines = [
         f"{report['date']}, {report['cpus']} CPUs, {report['args']['replicas']} replicas x "
         f"{report['args']['torch_threads']} thread(s), KV {report['args']['kv_blocks']} blocks "
         f"per replica, step budget {report['args']['chunk_tokens']} tokens, per-request "
-        f"prefill cap {_prefill_cap(report['args'].get('long_prefill_tokens'))}, "
+        f"prefill cap {report['args'].get('long_prefill_tokens') or 'none'}, "
         f"tenant Zipf {report['args']['tenant_zipf']}; "
         f"{w['sessions']} sessions / {w['requests']} requests, system prompts "
         f"{w['system_prompt_tokens']} tokens",
@@ -757,9 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--long-prefill-tokens",
         type=int,
-        default=None,
-        help="long_prefill_token_threshold: one request's prompt tokens per step (0: no cap; "
-        "default: the engine's serving default)",
+        default=0,
+        help="long_prefill_token_threshold: one request's prompt tokens per step (0: no cap)",
     )
     p.add_argument("--tenants", type=int, default=4)
     p.add_argument(

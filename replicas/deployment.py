@@ -40,8 +40,7 @@ from kvmesh.replicas.async_engine import (
     EngineOverloadedError,
     RequestFailedError,
 )
-from kvmesh.replicas.engine_args import EngineArgs, serving_defaults
-from kvmesh.replicas.llm_engine import pick_device
+from kvmesh.replicas.engine_args import EngineArgs
 from kvmesh.replicas.outputs import RequestOutput
 from kvmesh.replicas.replica_metrics import ReplicaMetrics
 from kvmesh.replicas.serve_messages import ReplicaChunk, ReplicaError, ReplicaRequest
@@ -161,7 +160,6 @@ class LLMServer:
             torch.set_num_threads(self.options.torch_threads)
         # The served name is also the block-hash extra key: the ingress hashes with it too.
         args = EngineArgs.model_validate({**engine_args, "served_model_name": model_name})
-        args = serving_defaults(args, pick_device(args).type)
         self.model_name = model_name
         self.engine = AsyncLLM(
             args,

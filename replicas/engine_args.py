@@ -25,15 +25,14 @@ class EngineArgs(BaseModel):
     max_num_batched_tokens: int | None = Field(
         default=2048, ge=1, description="Per-step token budget; None = unlimited."
     )
-    long_prefill_token_threshold: int | None = Field(
-        default=None,
+    long_prefill_token_threshold: int = Field(
+        default=0,
         ge=0,
         description="Chunked prefill: at most this many prompt tokens of one request per step "
         "(0 = no cap beyond max_num_batched_tokens), so a long prompt leaves room in every "
         "step for newly arrived requests instead of making them wait for its whole prefill. "
-        "None: 0 for offline use (throughput), and for a server on CPU "
-        "SERVING_CPU_LONG_PREFILL_TOKENS (a full 2048-token CPU step takes seconds, and a "
-        "short request arriving behind a cold prompt would wait all of them).",
+        "Off by default: on the 2-replica CPU router runs 256 cut TTFT p90 by ~a quarter below "
+        "saturation but raised it past saturation (bench/RESULTS.md, issue #15).",
     )
     max_long_partial_prefills: int = Field(
         default=1,
@@ -67,22 +66,3 @@ class EngineArgs(BaseModel):
         "hermes (<tool_call> JSON: Qwen, Hermes, and models whose template knows no tools), "
         "llama3_json (Llama 3.x), or auto (from the chat template).",
     )
-
-
-SERVING_CPU_LONG_PREFILL_TOKENS = 256
-"""A served CPU replica's default ``long_prefill_token_threshold``. On the 2-core CPU the
-real router runs use (float32, one thread per replica) 256 prompt tokens take ~0.8 s, a full
-512-token step ~1.7 s and a 2,048-token one ~6 s; with the cap (and one long prompt at a time)
-a cached short turn arriving behind a cold 1-3k-token prompt waits one capped chunk instead of
-the whole prefill (issue #15: TTFT p90 5.1 -> 4.2 s at 0.1 sessions/s, 8 tenants, p99 level).
-Offline use keeps no cap: there throughput, not waiting, is what counts."""
-
-
-def serving_defaults(args: EngineArgs, device_type: str) -> EngineArgs:
-    """The arguments a server's engine runs with: latency knobs left unset (None) get their
-    serving value on ``device_type`` ("cpu" or "cuda")."""
-    if args.long_prefill_token_threshold is None and device_type == "cpu":
-        return args.model_copy(
-            update={"long_prefill_token_threshold": SERVING_CPU_LONG_PREFILL_TOKENS}
-        )
-    return args

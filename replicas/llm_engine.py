@@ -142,7 +142,7 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             max_model_len=self.max_model_len,
             allocate_bitmask=self.structured.allocate_bitmask,
-            long_prefill_token_threshold=args.long_prefill_token_threshold or 0,
+            long_prefill_token_threshold=args.long_prefill_token_threshold,
             max_long_partial_prefills=args.max_long_partial_prefills,
         )
         self.output_processor = OutputProcessor(self.tokenizer)

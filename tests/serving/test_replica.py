@@ -10,11 +10,6 @@ import pytest
 from kvmesh import SamplingParams
 from kvmesh.replicas.async_engine import EngineDeadError
 from kvmesh.replicas.deployment import LLMServer
-from kvmesh.replicas.engine_args import (
-    SERVING_CPU_LONG_PREFILL_TOKENS,
-    EngineArgs,
-    serving_defaults,
-)
 from kvmesh.replicas.serve_messages import ReplicaRequest
 from kvmesh.replicas.step_threads import StepThreads
 from kvmesh.router.routing import CacheReporter
@@ -70,22 +65,6 @@ async def test_stream_is_admitted_then_tokens_then_finish(make_server):
     assert chunks[-1].finish_reason == "length" and chunks[-1].num_output_tokens == 6
     assert all(c.finish_reason is None for c in chunks[1:-1])
     await wait_all_free(server)
-
-
-async def test_a_cpu_replica_caps_long_prefills_unless_told_otherwise(tiny_dir, make_server):
-    """Served on CPU, an unset ``long_prefill_token_threshold`` becomes the serving cap (a
-    short turn arriving behind a cold prompt waits one chunk, not its whole prefill); an
-    explicit value, 0 included, is kept; offline use keeps no cap."""
-    served = make_server()
-    assert served.engine.args.long_prefill_token_threshold == SERVING_CPU_LONG_PREFILL_TOKENS
-    assert served.engine.engine.scheduler.prefill_cap == SERVING_CPU_LONG_PREFILL_TOKENS
-    told = LLMServer({"model": str(tiny_dir), **ENGINE, "long_prefill_token_threshold": 0}, "t")
-    try:
-        assert told.engine.engine.scheduler.prefill_cap == 0
-    finally:
-        await told.shutdown(timeout_s=0)
-    assert EngineArgs().long_prefill_token_threshold is None
-    assert serving_defaults(EngineArgs(), "cuda").long_prefill_token_threshold is None
 
 
 async def test_burst_threads_option_sizes_each_step(make_server):
