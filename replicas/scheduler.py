@@ -73,8 +73,6 @@ class Scheduler:
         # Sharing steps between two long prompts makes both finish late (p99 TTFT rises); one
         # at a time keeps first-come-first-served among them, and the cap still lets short
         # prompts through between chunks.
-        if max_long_partial_prefills < 1:
-            raise ValueError("max_long_partial_prefills must be at least 1")
         self.max_long_partial_prefills = max_long_partial_prefills
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
