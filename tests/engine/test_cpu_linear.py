@@ -164,6 +164,27 @@ def test_dot_kernel_keeps_leading_dims_and_strided_rows(dtype):
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
+def test_dot_kernel_gives_the_same_bits_on_one_thread_or_several(dtype):
+    # The threads pull runs of column groups from a shared counter, so which thread computes
+    # which columns changes from call to call; each column's sum must not.
+    torch.manual_seed(3)
+    weight = torch.randn(3072 + 40, 576, dtype=dtype)  # 68 groups: many runs, a partial tile
+    packed = pack_linear_weight(weight)
+    assert isinstance(packed, DotWeight)
+    x = torch.randn(37, 576, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = packed_linear(x, packed, None)
+        torch.set_num_threads(max(2, threads))
+        shared = [packed_linear(x, packed, None) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    for got in shared:
+        assert torch.equal(got, alone)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
 def test_dot_kernel_rejects_an_input_of_another_dtype_clearly(dtype):
     packed = pack_linear_weight(torch.randn(16, 32, dtype=dtype))
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
