@@ -234,3 +234,41 @@ def test_one_long_prompt_prefills_at_a_time_and_short_ones_pass_the_waiting_one(
     for rid in ("long1", "long2"):
         s.finish_requests([rid], "abort", None)
     assert s.kv.num_blocks_free == s.kv.num_blocks_total
+
+
+def test_a_waiting_request_keeps_its_cached_prefix_while_a_long_prefill_allocates(monkeypatch):
+    """One sequence at a time, 11 usable blocks of 4 tokens. "first" and then "other" run and
+    leave their prompts cached; "again" shares first's 8-token prefix but waits behind "big",
+    whose 28 tokens take 7 blocks. The free list holds the 5 never-used blocks, then first's
+    cached blocks, then other's: big evicts from the front, so without keeping the waiting
+    request's prefix warm it takes first's and "again" computes it over; kept warm, other's
+    blocks go instead and "again" hits its 8 tokens."""
+
+    def run(keep_warm: bool) -> int:
+        kv = KVCacheManager(12, BlockHasher.for_model("m", BLOCK), True, None)
+        if not keep_warm:
+            monkeypatch.setattr(kv, "keep_warm", lambda req: None)
+        s = Scheduler(kv, 1, 64, True, eos_token_ids=[EOS], max_model_len=48)
+        params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        runner, rng = FakeRunner(), random.Random(0)
+
+        def drain() -> None:
+            while s.has_work():
+                sched = s.schedule()
+                s.update_from_output(sched, runner.execute(sched, rng, set()))
+
+        prefix = list(range(10, 18))
+        s.add(Request("first", [*prefix, 50], params, 4))
+        drain()
+        s.add(Request("other", list(range(20, 29)), params, 4))
+        drain()
+        s.add(Request("big", list(range(30, 58)), params, 4))
+        again = Request("again", [*prefix, 60, 61], params, 4)
+        s.add(again)
+        drain()
+        kv.check_invariants()
+        assert kv.num_blocks_free == kv.num_blocks_total
+        return again.num_cached_tokens
+
+    assert run(keep_warm=True) == 8
+    assert run(keep_warm=False) == 0
