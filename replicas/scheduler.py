@@ -11,9 +11,7 @@ waits (short ones behind it go ahead), so two cold prompts do not share every st
 finish late. When the
 pool runs dry, the most recently admitted request is preempted by recompute: its blocks are
 freed and it goes back to the front of the queue with its output so far, to be re-prefilled
-(often from the prefix cache) and continue where it stopped. Each step first counts the
-cached prefixes of the requests next in the queue as just used, so the blocks a step
-allocates evict other cached blocks before the ones a waiting request will hit.
+(often from the prefix cache) and continue where it stopped.
 
 ``update_from_output`` takes the runner's result for that step and does everything the step
 means for each request: advances its computed tokens, registers the blocks it filled,
@@ -25,7 +23,6 @@ processor finds them; it hands those requests back through ``finish_requests``.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -48,11 +45,6 @@ FaultInjector = Callable[[str, object], None]
 MAX_DEFERRED = 64
 """At most this many waiting requests are held back per step for blocks in flight, so one
 step never scans an unbounded queue."""
-
-
-KEEP_WARM_WAITING = 16
-"""The first this many waiting requests have their cached prefix kept warm every step (a
-bound on the per-step lookups; requests further back are refreshed as they move up)."""
 
 
 class Scheduler:
@@ -145,15 +137,6 @@ class Scheduler:
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
         budget = self.token_budget if self.token_budget is not None else 1 << 62
-
-        # 0. The cached prefixes of the requests next in the queue count as just used (the
-        # head of the queue last), so what this step allocates evicts other cached blocks
-        # first. Without it a prompt that found its prefix cached when it arrived loses it
-        # while it waits behind long prefills, and computes it again: on a saturated replica
-        # that extra work lengthens the queue, which evicts more (measured: 8 tenants, 384
-        # blocks, 0.2 sessions/s, requests re-prefilling system prompts they were routed for).
-        for req in reversed(list(itertools.islice(self.waiting, KEEP_WARM_WAITING))):
-            self.kv.keep_warm(req)
 
         # Long prompts still prefilling after this step (they hold back other long ones).
         num_long = self._num_long_prefills()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvmesh.replicas.block_hash import BlockHash
@@ -75,13 +75,6 @@ class BlockPool:
             if block.ref_count == 0:
                 del self._free[block.block_id]
             block.ref_count += 1
-
-    def refresh(self, blocks: Sequence[KVBlock]) -> None:
-        """Count the free ones among a prefix's cached ``blocks`` as just freed (evicted last),
-        the prefix's tail before its head, so its head is the last of them to go."""
-        for block in reversed(blocks):
-            if block.ref_count == 0:
-                self._free.move_to_end(block.block_id)
 
     def release(self, blocks: Iterable[KVBlock]) -> None:
         """Drop one reference from each block. Pass a request's blocks last-first, so its tail

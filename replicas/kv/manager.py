@@ -96,12 +96,6 @@ class KVCacheManager:
                 hits.append(block)
         return CachedPrefix(tuple(hits), self.block_size)
 
-    def keep_warm(self, req: Request) -> None:
-        """Count ``req``'s cached prefix as just used: it waits to be admitted and will hit
-        those blocks then, so other cached blocks should be evicted first."""
-        if self.enable_prefix_caching:
-            self.pool.refresh(self.find_cached_prefix(req).blocks)
-
     def record_query(self, req: Request, num_hit_tokens: int) -> None:
         self.prefix_cache_queries += req.num_tokens
         self.prefix_cache_hits += num_hit_tokens
