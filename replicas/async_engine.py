@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from kvmesh.replicas.cpu_wait import CpuWaitMeter
 from kvmesh.replicas.engine_args import EngineArgs
 from kvmesh.replicas.llm_engine import LLMEngine, Prompt
 from kvmesh.replicas.outputs import RequestOutput
@@ -109,6 +110,10 @@ class AsyncLLM:
         self._decode_step_s: float | None = None
         self._decode_batch: float | None = None
         self._last_progress = time.monotonic()
+        # Seconds spent in steps, and the engine thread's wait for a core (from its first
+        # step; see ``cpu_wait``): their ratio says whether the node starves the engine.
+        self._step_seconds_total = 0.0
+        self._cpu_wait: CpuWaitMeter | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -332,8 +337,13 @@ class AsyncLLM:
         return self._decode_step_s * (len(self._streams) + 1) / max(self._decode_batch, 1.0)
 
     def stats(self) -> dict[str, Any]:
-        """Counters as of the last step (read without stopping the engine)."""
-        return dict(self._stats)
+        """Counters as of the last step (read without stopping the engine), plus the time
+        spent in steps and the engine thread's wait for a core (``cpu_wait``) since start."""
+        return {
+            **self._stats,
+            "engine_step_seconds": self._step_seconds_total,
+            "engine_cpu_wait_seconds": self._cpu_wait.total if self._cpu_wait else 0.0,
+        }
 
     def num_in_flight(self) -> int:
         return len(self._streams)
@@ -421,6 +431,8 @@ class AsyncLLM:
                 del out
 
     def _run(self) -> None:
+        cpu_wait = CpuWaitMeter()  # on this thread: the counters are per thread
+        self._cpu_wait = cpu_wait
         try:
             while not self._stop.is_set():
                 if self._drain_inbox():
@@ -432,6 +444,7 @@ class AsyncLLM:
                     t0 = time.monotonic()
                     outputs = self.engine.step()
                     self._observe_step(time.monotonic() - t0)
+                    cpu_wait.sample()
                     for out in outputs:
                         self._deliver(out.request_id, out)
                     self._stats = self.engine.stats()
@@ -449,6 +462,7 @@ class AsyncLLM:
 
     def _observe_step(self, seconds: float) -> None:
         self._last_progress = time.monotonic()
+        self._step_seconds_total += seconds
         if self.engine.last_step_decodes:
             self._decode_step_s = _ewma(self._decode_step_s, seconds)
             self._decode_batch = _ewma(self._decode_batch, self.engine.last_step_decodes)

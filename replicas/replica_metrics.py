@@ -110,6 +110,12 @@ _COUNTERS = {
     "prompt_tokens": "Prompt tokens admitted.",
     "generation_tokens": "Tokens generated.",
     "num_preemptions": "Requests preempted (KV blocks reclaimed, recomputed later).",
+    "engine_step_seconds": "Seconds the engine spent in steps.",
+    "engine_cpu_wait_seconds": (
+        "Seconds the engine's stepping thread waited for a CPU core while it had work (Linux "
+        "run-queue wait; 0 where not reported). Over engine_step_seconds: the share of the "
+        "engine's time other processes on the node took from it."
+    ),
 }
 _STAT_KEY = {"kv_cache_usage_perc": "kv_cache_usage"}
 

@@ -454,6 +454,8 @@ def test_health_ready_and_metrics(serve_app):
         "kvmesh:prompt_tokens",
         "kvmesh:generation_tokens",
         "kvmesh:num_preemptions",
+        "kvmesh:engine_step_seconds",
+        "kvmesh:engine_cpu_wait_seconds",
     ]
     for name in required:
         assert name in families, name
@@ -465,6 +467,12 @@ def test_health_ready_and_metrics(serve_app):
         if s.labels["model_name"] == "tiny"
     )
     assert generated > 0
+    stepped = sum(
+        s.value
+        for s in families["kvmesh:engine_step_seconds"].samples
+        if s.labels["model_name"] == "tiny"
+    )
+    assert stepped > 0
     overhead = families["kvmesh:serving_overhead_seconds"].samples
     stages = {s.labels["stage"] for s in overhead}
     assert stages == {"ingress_to_engine", "engine_to_sse", "ingress_handling", "handle_to_replica"}
