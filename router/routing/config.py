@@ -67,6 +67,21 @@ class RouterConfig(BaseModel):
         le=1.0,
         description="Share of a replica's KV cache at which a copy pays the full copy_penalty.",
     )
+    prefix_home: bool = Field(
+        default=True,
+        description=(
+            "Remember which replica each prefix was last routed to, past its eviction, and "
+            "price a move off that replica like a copy of a cached prefix (``copy_penalty``): "
+            "a tenant evicted everywhere goes back to its replica instead of splitting over "
+            "two caches. See kvmesh.router.routing.homes."
+        ),
+    )
+    prefix_home_blocks: int = Field(
+        default=262_144,
+        ge=1,
+        description="Block keys the prefix-home memory keeps (least recently routed go first; "
+        "~100 bytes each).",
+    )
     fill_weight: float = Field(
         default=2.0,
         ge=0.0,

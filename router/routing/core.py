@@ -31,6 +31,7 @@ from dataclasses import replace
 from typing import Any
 
 from kvmesh.router.routing.config import RouterConfig
+from kvmesh.router.routing.homes import PrefixHomes
 from kvmesh.router.routing.index import PrefixIndex
 from kvmesh.router.routing.load import LoadTracker
 from kvmesh.router.routing.metrics import RouterMetrics
@@ -62,6 +63,7 @@ class PrefixRouterCore:
         self._rng = random.Random(self.config.seed)
         self._lock = threading.RLock()
         self.index = PrefixIndex()
+        self.homes = PrefixHomes(self.config.prefix_home_blocks)
         self.loads = LoadTracker(self.router_id, self.config)
         self._sync: dict[Hashable, ReplicaSync] = {}
         self._hit_counters: dict[Hashable, tuple[int, int]] = {}
@@ -89,6 +91,7 @@ class PrefixRouterCore:
             if self._sync.pop(replica, None) is None:
                 return
             self.index.remove_replica(replica)
+            self.homes.forget_replica(replica)
             self.loads.remove_replica(replica)
             self._hit_counters.pop(replica, None)
             self._last_stats.pop(replica, None)
@@ -191,6 +194,7 @@ class PrefixRouterCore:
                     self.add_replica(replica)
             keys = [block_key(h) for h in block_hashes]
             matched = self.index.match(keys, pool)
+            homes = self.homes.home_blocks(keys) if self.config.prefix_home else {}
             # The engine always computes the prompt's last token, so a fully cached prompt
             # still leaves one token of prefill.
             cap = max(num_prompt_tokens - 1, 0)
@@ -205,7 +209,8 @@ class PrefixRouterCore:
                         r, keys, n, load.queued_tokens / bs, self.config.eviction_horizon
                     )
                 cached = self.index.num_confirmed(r) + self.index.num_speculative(r)
-                cands.append(Candidate(r, min(n * bs, cap), load, reported, cached))
+                home = min(homes.get(r, 0) * bs, cap)
+                cands.append(Candidate(r, min(n * bs, cap), load, reported, cached, home))
             sticky = self._sticky(session_id, now)
             decision = decide(num_prompt_tokens, cands, self.config, self._rng, sticky)
             return replace(decision, keys=keys)
@@ -243,6 +248,11 @@ class PrefixRouterCore:
                 )
             if session_id and self.config.session_affinity:
                 self._remember_session(session_id, replica, now)
+            if self.config.prefix_home:
+                keys = decision.keys if decision is not None else ()
+                if len(keys) != len(block_hashes):
+                    keys = [block_key(h) for h in block_hashes]
+                self.homes.record(replica, keys)
             if self._metrics is not None:
                 reason = decision.reason.value if decision is not None else Reason.NO_PREFIX.value
                 self._metrics.decision(reason)

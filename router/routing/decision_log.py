@@ -9,7 +9,8 @@ A record holds:
 * ``t`` (wall clock), ``request_id`` (kvmesh's per prompt: ``x-kvmesh-request-id`` plus
   ``-<index of the prompt in the request>``),
   ``session_id``, ``num_prompt_tokens``, ``sticky`` (the session's previous replica, if any);
-* ``candidates``: for every replica considered, the predicted cached tokens and each term of
+* ``candidates``: for every replica considered, the predicted cached tokens (and the tokens
+  last routed there, ``home_tokens``) and each term of
   the cost (miss, queue, decode, KV) with the load figures behind them (and its reported
   prefill rate and the factor the prefill terms were priced at), and the total;
 * ``best`` (ranked first), ``chosen`` (where Serve actually sent it: the second choice when
@@ -61,6 +62,8 @@ class CandidateTerms:
     """The replica's reported KV cache size (0: none reported); prices a copy's miss."""
     cached_blocks: int = 0
     """Blocks the router believed the replica cached (its cache fill prices a miss)."""
+    home_tokens: int = 0
+    """Leading prompt tokens last routed to the replica, cached there or not (prices a copy)."""
 
 
 @dataclass
@@ -111,6 +114,7 @@ def candidate_terms(decision: Decision, num_prompt_tokens: int, config: RouterCo
                 rate_factor=factor,
                 kv_blocks_total=cand.load.kv_blocks_total,
                 cached_blocks=cand.cached_blocks,
+                home_tokens=cand.home_tokens,
             )
         )
     return out

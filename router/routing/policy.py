@@ -19,10 +19,13 @@ hold when the request is admitted (``PrefixIndex.surviving``), not just what it 
 
 "Copied" tokens are the uncached ones another candidate holds: sending the request here would
 copy a cached prefix to a second replica, where it takes cache space for as long as traffic
-follows it and lets that prefix's traffic split between the two. Where the copy is a large share
-of the receiving cache (small caches, long shared prompts) it displaces other tenants' prefixes
-for good, so each copied token pays up to ``copy_penalty`` more; in a large cache the same copy
-is nearly free.
+follows it and lets that prefix's traffic split between the two. With ``prefix_home`` a
+candidate also "holds" the leading blocks last routed to it after it evicted them
+(:mod:`kvmesh.router.routing.homes`): a tenant whose system prompt was evicted everywhere goes
+back to the replica its traffic went to, instead of splitting its working set over two caches.
+Where the copy is a large share of the receiving cache (small caches, long shared prompts) it
+displaces other tenants' prefixes for good, so each copied token pays up to ``copy_penalty``
+more; in a large cache the same copy is nearly free.
 
 A missed token is stored in the replica's cache; in a fuller cache (more of it holding cached
 prefixes, as the router's index counts them) it evicts someone's prefix sooner, so each missed
@@ -87,6 +90,14 @@ class Candidate:
     """The index's match before the eviction cut (None: no cut was considered)."""
     cached_blocks: int = 0
     """Blocks the router believes the replica caches (its prefix tree's size)."""
+    home_tokens: int = 0
+    """Leading prompt tokens last routed to this replica, cached there or not
+    (:mod:`kvmesh.router.routing.homes`; 0 with ``prefix_home`` off)."""
+
+    @property
+    def held_tokens(self) -> int:
+        """The prompt tokens this replica holds or is home to: what a copy is priced against."""
+        return max(self.hit_tokens, self.home_tokens)
 
     @property
     def cache_fill(self) -> float | None:
@@ -203,7 +214,8 @@ class CostTerms:
 @dataclass(frozen=True)
 class Rivals:
     """What every candidate's cost is measured against: the most any candidate holds of the
-    prompt and the emptiest reported cache."""
+    prompt (cached, or last routed there: ``Candidate.held_tokens``) and the emptiest reported
+    cache."""
 
     best_hit_tokens: int = 0
     least_fill: float | None = None
@@ -212,7 +224,7 @@ class Rivals:
     def of(cls, candidates: Sequence[Candidate]) -> Rivals:
         fills = [f for f in (c.cache_fill for c in candidates) if f is not None]
         return cls(
-            best_hit_tokens=max((c.hit_tokens for c in candidates), default=0),
+            best_hit_tokens=max((c.held_tokens for c in candidates), default=0),
             least_fill=min(fills) if len(fills) > 1 else None,
         )
 
@@ -233,7 +245,7 @@ def cost_terms(
     """The cost of sending a prompt of ``num_prompt_tokens`` tokens to ``cand`` among the
     candidates summarised by ``rivals``."""
     miss = max(num_prompt_tokens - cand.hit_tokens, 0)
-    copied = min(max(rivals.best_hit_tokens - cand.hit_tokens, 0), miss)
+    copied = min(max(rivals.best_hit_tokens - cand.held_tokens, 0), miss)
     new_share = miss / num_prompt_tokens if num_prompt_tokens else 1.0
     extra_fill = rivals.extra_fill(cand)
     kv_blocks_total = cand.load.kv_blocks_total

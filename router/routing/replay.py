@@ -47,6 +47,7 @@ def candidates_of(record: DecisionRecord, config: RouterConfig | None = None) ->
                 c.kv_blocks_total,
             ),
             cached_blocks=c.cached_blocks,
+            home_tokens=c.home_tokens if config is None or config.prefix_home else 0,
         )
         for c in record.candidates
     ]

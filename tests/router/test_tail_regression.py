@@ -35,6 +35,14 @@ arrivals and replica reports against the Ray-free core.
     already held 214 of 384 blocks against the other's 153 (Ray's router puts it beside the
     less popular tenant, its smaller prefix tree). ``fill_weight`` prices a missed token by
     how much fuller the cache it lands in is than the emptiest candidate's.
+(g) A tenant evicted everywhere is split: past saturation (0.2 sessions/s, 8 tenants) a
+    replica evicts a tenant's 1-3k-token system prompt while that tenant's next request
+    waits behind long prefills. The index forgets the prefix, the request is cold on both
+    replicas, and load and fill place it on the other one; the tenant's later conversations
+    then follow whichever replica cached them last, so its working set lives in two 384-block
+    caches (the popular tenant split 17/21 and 18/20 of its requests in 3 of 8 runs; Ray's
+    router, keyed on routed text, never split a tenant in 5). ``prefix_home`` remembers where
+    each prefix was last routed and prices a move off that replica like a copy.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from router_testing import (
     idle_load,
     make_core,
     prompt,
+    removed,
     stored,
 )
 
@@ -514,3 +523,72 @@ def test_cached_blocks_reach_the_decision_log_and_replay():
     terms, cands = _logged_and_replayed(d, len(COLD_TENANT))
     assert terms["popular"].cached_blocks == 214
     assert cands["quiet"].cached_blocks == 153
+
+
+# ---- (g) a tenant whose prefix every replica evicted ----------------------------------------
+EVICTED_TENANT = prompt(3, 3072)
+
+
+def _tenant_evicted_at_home(home_queued=0, **overrides):
+    """ "home" was sent tenant 3's 3,072-token prompt, cached it and then evicted all of it
+    (other work); it now caches 250 blocks of tenant 0, "other" 153 blocks of tenant 1 (384
+    each): nothing of tenant 3 is cached anywhere, and "home" is the fuller cache."""
+    clock = FakeClock()
+    core = make_core(clock, **overrides)
+    home, other = FakeReplica("home", clock), FakeReplica("other", clock)
+    core.set_replicas(["home", "other"])
+    for rep in (home, other):
+        rep.load = idle_load(kv_blocks_total=384)
+        core.apply_report(rep.name, rep.report())
+    first = prompt(3, 3072, suffix=1)
+    core.on_routed("home", "first", hashes(first), len(first), None)
+    core.apply_report("home", home.report(stored(hashes(first))))
+    core.on_completed("first")
+    home.load = idle_load(pending_prefill_tokens=home_queued, kv_blocks_total=384)
+    evicted = removed(hashes(first))
+    core.apply_report("home", home.report([*evicted, *stored(hashes(prompt(0, 250 * BS)))]))
+    core.apply_report("other", other.report(stored(hashes(prompt(1, 153 * BS)))))
+    return core
+
+
+def test_a_tenant_evicted_everywhere_goes_back_to_its_replica():
+    request = prompt(3, 3072, suffix=2)
+    old = _route(_tenant_evicted_at_home(prefix_home=False), request)
+    assert old.hit_tokens == {"home": 0, "other": 0}
+    assert old.best == "other", old.costs  # the emptier cache: the tenant splits
+    new = _route(_tenant_evicted_at_home(), request)  # the default
+    assert new.best == "home", new.costs
+    assert new.hit_tokens == {"home": 0, "other": 0}  # still a full prefill either way
+    cands = {c.replica: c for c in new.candidates}
+    assert cands["home"].home_tokens == 3072 and cands["other"].home_tokens == 0
+    # Moving it copies the tenant's 3,072 remembered tokens into half of other's cache: each
+    # pays copy_penalty 2; home pays nothing more than before.
+    assert abs(new.costs["other"] - old.costs["other"] - 2 * 3072) < 1e-6
+    assert new.costs["home"] == old.costs["home"]
+
+
+def test_a_home_is_not_a_pin():
+    """A home far busier than the cost of a copy still loses the request; the move then
+    becomes the tenant's new home."""
+    request = prompt(3, 3072, suffix=2)
+    core = _tenant_evicted_at_home(home_queued=9000)
+    d = _route(core, request)
+    assert d.best == "other", d.costs
+    core.on_routed("other", "moved", hashes(request), len(request), d)
+    again = _route(core, prompt(3, 3072, suffix=3))
+    cands = {c.replica: c for c in again.candidates}
+    assert cands["other"].home_tokens == 3072 and cands["home"].home_tokens == 0
+
+
+def test_home_tokens_reach_the_decision_log_and_replay():
+    request = prompt(3, 3072, suffix=2)
+    d = _route(_tenant_evicted_at_home(), request)
+    terms, cands = _logged_and_replayed(d, len(request))
+    assert terms["home"].home_tokens == 3072
+    assert cands["home"].home_tokens == 3072
+    from kvmesh.router.routing.decision_log import DecisionRecord
+    from kvmesh.router.routing.replay import candidates_of
+
+    rec = DecisionRecord(0.0, "r", None, len(request), None, list(terms.values()), d.best, "x")
+    off = candidates_of(rec, RouterConfig(block_size=BS, prefix_home=False))
+    assert all(c.home_tokens == 0 for c in off)
