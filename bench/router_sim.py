@@ -37,8 +37,8 @@ prefill terms in tokens rather than at each replica's reported, measured prefill
 simulated replica has the same cost model, so the measured rates differ only by step mix);
 ``ours_flat_kv`` (``kv_penalty_by_miss`` off: the whole KV penalty whatever share of the
 prompt the replica already holds); ``ours_no_copy`` (``copy_penalty`` 0: copying a prefix
-another replica holds costs what any miss does); ``ours_no_home`` (``prefix_home`` off: a prefix
-every replica evicted is placed as if never seen).
+another replica holds costs what any miss does); ``ours_home`` (``prefix_home`` on: a prefix every
+replica evicted goes back where it was last routed).
 
 Writes ``bench/out/router_sim.json`` and ``bench/out/router_sim.png`` (TTFT p90 and prefix hit
 rate against request rate).
@@ -619,8 +619,8 @@ VARIANTS = {
     "ours_no_copy": ({"copy_penalty": 0.0}, 1, True),
     # A miss priced the same in a fuller cache (no fill_weight).
     "ours_no_fill": ({"fill_weight": 0.0}, 1, True),
-    # No memory of where an evicted prefix was routed (no prefix_home).
-    "ours_no_home": ({"prefix_home": False}, 1, True),
+    # A memory of where an evicted prefix was routed (prefix_home, off by default).
+    "ours_home": ({"prefix_home": True}, 1, True),
 }
 """Ablations of ``ours``: RouterConfig overrides, number of routers, replicas acknowledge."""
 

@@ -28,6 +28,7 @@
 #include "elementwise_cpu.h"
 #include "extend_amx.h"
 #include "linear_cpu.h"
+#include "sampling_cpu.h"
 
 namespace {
 
@@ -359,6 +360,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_and_cache", &kvmesh::rotary_and_cache,
         "RoPE of q and k, q returned as float32, k and v written into the paged caches");
   m.def("argmax_rows", &kvmesh::argmax_rows, "first maximum of each row of a float32 [B, V]");
+  m.def("sample_rows", &kvmesh::sample_rows,
+        "a token drawn from softmax(x[row] / temperature) at each row's uniform");
   m.def("dot_linear_available", &kvmesh::dot_linear_available,
         "whether this build has the AVX-512 linear kernel for a dtype");
   m.def("pack_dot_linear_weight", &kvmesh::pack_dot_linear_weight,

@@ -68,12 +68,20 @@ class RouterConfig(BaseModel):
         description="Share of a replica's KV cache at which a copy pays the full copy_penalty.",
     )
     prefix_home: bool = Field(
-        default=True,
+        default=False,
         description=(
             "Remember which replica each prefix was last routed to, past its eviction, and "
             "price a move off that replica like a copy of a cached prefix (``copy_penalty``): "
             "a tenant evicted everywhere goes back to its replica instead of splitting over "
-            "two caches. See kvmesh.router.routing.homes."
+            "two caches, as a router keyed on routed text (Ray's) does. See "
+            "kvmesh.router.routing.homes. Off by default (issue #15): on the 2-replica CPU "
+            "run past saturation (0.2 sessions/s, 8 tenants, 384-block caches; 5 alternated "
+            "rounds) it never split a tenant, but it also kept the first placement when that "
+            "placement overfilled one cache: 2 of 5 rounds froze Ray's placement, whose busy "
+            "replica recomputed 49.7k prompt tokens against the other's 15.3k (TTFT p90 "
+            "28.2-28.5 s, as Ray's router in 4 of 5 rounds), median p90 14.8 s against 14.7 s "
+            "without it (worst 19.9 s): where tenants outgrow the caches, letting an evicted "
+            "tenant move is what rebalances the work."
         ),
     )
     prefix_home_blocks: int = Field(

@@ -229,9 +229,20 @@ def test_cpu_argmax_is_torch_argmax_with_ties_and_a_tail(vocab, native, monkeypa
             assert torch.equal(ops.argmax_rows(part), part.argmax(dim=-1))
 
 
-def test_draws_over_a_real_vocabulary_follow_the_softmax():
-    """The two-level CDF search over a 49k vocabulary with mass spread over many chunks:
-    frequencies match the softmax, and a token masked inside a chunk is never drawn."""
+def _use_native(native: bool, monkeypatch) -> None:
+    from kvmesh.kernels import cpu_native, torch_ops
+
+    if native and cpu_native.native_ops() is None:
+        pytest.skip(f"the C++ CPU kernels cannot be built here: {cpu_native.STATUS}")
+    monkeypatch.setattr(torch_ops, "USE_CPU_NATIVE", native)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_draws_over_a_real_vocabulary_follow_the_softmax(native, monkeypatch):
+    """The CDF search over a 49k vocabulary with mass spread over many chunks (the C++ draw
+    and its torch twin): frequencies match the softmax, and a token masked inside a chunk is
+    never drawn."""
+    _use_native(native, monkeypatch)
     n, vocab = 6000, 49152 + 5
     gen = torch.Generator().manual_seed(3)
     base = torch.full((vocab,), -30.0)
@@ -249,3 +260,89 @@ def test_draws_over_a_real_vocabulary_follow_the_softmax():
     freq = torch.bincount(tokens, minlength=vocab).float() / n
     assert freq[masked] == 0
     assert torch.allclose(freq[hot], torch.softmax(base, -1)[hot], atol=0.02), freq[hot]
+
+
+def test_cpu_draw_kernel_inverts_the_same_cdf_as_its_twin(monkeypatch):
+    """The C++ draw and the torch twin, at the same uniforms, over rows of a real vocabulary
+    (with a tail past the last whole chunk, masked entries and several temperatures): the same
+    token wherever the uniform is not within float rounding of a boundary of the CDF; a
+    masked token never, also at uniforms next to 0 and 1; an all-masked row gives an index."""
+    from kvmesh.kernels import cpu_native, torch_ops
+
+    ops = cpu_native.native_ops()
+    if ops is None:
+        pytest.skip(f"the C++ CPU kernels cannot be built here: {cpu_native.STATUS}")
+    gen = torch.Generator().manual_seed(5)
+    vocab = 49152 + 37
+    x = torch.randn(24, vocab, generator=gen) * 3
+    x[:, ::7] = float("-inf")  # masked everywhere, including chunk ends
+    x[5, 40000:] = float("-inf")
+    x[6] = float("-inf")
+    x[6, 123] = 0.0  # one selectable token
+    rows = torch.tensor([0, 3, 5, 6, 7, 9, 11, 12, 13, 20, 22, 23, 3, 3])
+    temps = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.05, 1.0, 1.0, 0.8, 1.3, 1.0, 3.0, 0.7, 1.0, 1.0])
+    row_max = x.amax(dim=-1)[rows]
+    uniforms = torch.rand(len(rows), generator=gen, dtype=torch.float64)
+    uniforms[-2], uniforms[-1] = 0.0, 1.0 - 2.0**-53
+    got = ops.sample_rows(x, rows, temps, row_max, uniforms)
+    monkeypatch.setattr(torch_ops, "USE_CPU_NATIVE", False)
+    twin = torch_ops.sample_rows(x, rows, temps, row_max, uniforms)
+    assert (got == twin).float().mean() >= 0.9, (got, twin)
+    for i, token in enumerate(got.tolist()):
+        assert x[rows[i], token] > float("-inf"), (i, token)
+        # the drawn token's CDF interval holds the uniform (to float rounding)
+        p = torch.softmax(x[rows[i]].double() / temps[i].double(), -1)
+        lo = p[:token].sum().item()
+        assert lo - 1e-5 <= uniforms[i].item() <= lo + p[token].item() + 1e-5, (i, token)
+    assert got[3].item() == 123
+    dead = torch.full((1, 300), float("-inf"))
+    one = torch.ones(1)
+    first = torch.zeros(1, dtype=torch.long)
+    token = ops.sample_rows(dead, first, one, torch.zeros(1), uniforms[:1])
+    assert 0 <= token.item() < 300
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.sample_rows(x, torch.tensor([24]), one, row_max[:1], uniforms[:1])
+    with pytest.raises(RuntimeError, match="uniforms"):
+        ops.sample_rows(x, rows[:1], one, row_max[:1], uniforms[:1].float())
+
+
+def _top_p_drop_by_full_sort(sub, ks, top_p):
+    """The reference: top-k then top-p over each row's full sort, in float64."""
+    drop = torch.ones_like(sub, dtype=torch.bool)
+    for r in range(sub.shape[0]):
+        values, order = torch.sort(sub[r].double(), descending=True)
+        values[int(ks[r]) :] = float("-inf")
+        probs = torch.softmax(values, -1)
+        gone = (probs.cumsum(-1) - probs) >= float(top_p[r])
+        gone[0] = False
+        gone |= values == float("-inf")
+        drop[r, order] = gone
+    return drop
+
+
+def test_top_p_from_a_window_drops_what_a_full_sort_drops():
+    """Peaked rows (the nucleus inside the first window), flat ones (past it: the next window
+    or the full sort), with top-k inside, between and past the windows, and masked entries."""
+    from kvmesh.replicas.sampler import TOP_P_WINDOWS, _top_p_drop
+
+    gen = torch.Generator().manual_seed(11)
+    vocab = 49152 + 5
+    scales = [8.0, 4.0, 2.0, 1.0, 0.3, 0.05] * 3  # peaked ... nearly flat
+    sub = torch.randn(len(scales), vocab, generator=gen) * torch.tensor(scales)[:, None]
+    sub[4, ::3] = float("-inf")
+    ks = torch.tensor([vocab] * 6 + [50, 300, 5000, 100, vocab, 3000] + [vocab] * 6)
+    top_p = torch.tensor([0.9, 0.5, 0.95, 0.99, 0.7, 0.9] * 2 + [0.2, 0.6, 0.8, 0.9, 0.97, 1e-6])
+    got = _top_p_drop(sub, ks, top_p)
+    want = _top_p_drop_by_full_sort(sub, ks, top_p)
+    # Float rounding may move the cut by one token where its mass-before equals top_p to ~1e-6.
+    for r, t in (got != want).nonzero().tolist():
+        values = sub[r].double()
+        survivors = values >= torch.sort(values, descending=True).values[int(ks[r]) - 1]
+        probs = torch.softmax(values.masked_fill(~survivors, float("-inf")), -1)
+        before = probs[values > values[t]].sum().item()
+        assert abs(before - float(top_p[r])) < 1e-4, (r, t)
+    assert (got != want).sum() <= 2
+    # every row keeps its most likely token, and the flat rows needed more than one window
+    assert not got[torch.arange(len(scales)), sub.argmax(-1)].any()
+    kept = (~want).sum(-1)
+    assert kept[5] > TOP_P_WINDOWS[0] and kept[0] < TOP_P_WINDOWS[0]

@@ -42,7 +42,8 @@ arrivals and replica reports against the Ray-free core.
     then follow whichever replica cached them last, so its working set lives in two 384-block
     caches (the popular tenant split 17/21 and 18/20 of its requests in 3 of 8 runs; Ray's
     router, keyed on routed text, never split a tenant in 5). ``prefix_home`` remembers where
-    each prefix was last routed and prices a move off that replica like a copy.
+    each prefix was last routed and prices a move off that replica like a copy; it is off by
+    default (RouterConfig: in 2 of 5 rounds it froze a placement that overfilled one cache).
 """
 
 from __future__ import annotations
@@ -553,10 +554,10 @@ def _tenant_evicted_at_home(home_queued=0, **overrides):
 
 def test_a_tenant_evicted_everywhere_goes_back_to_its_replica():
     request = prompt(3, 3072, suffix=2)
-    old = _route(_tenant_evicted_at_home(prefix_home=False), request)
+    old = _route(_tenant_evicted_at_home(), request)  # the default
     assert old.hit_tokens == {"home": 0, "other": 0}
     assert old.best == "other", old.costs  # the emptier cache: the tenant splits
-    new = _route(_tenant_evicted_at_home(), request)  # the default
+    new = _route(_tenant_evicted_at_home(prefix_home=True), request)
     assert new.best == "home", new.costs
     assert new.hit_tokens == {"home": 0, "other": 0}  # still a full prefill either way
     cands = {c.replica: c for c in new.candidates}
@@ -571,7 +572,7 @@ def test_a_home_is_not_a_pin():
     """A home far busier than the cost of a copy still loses the request; the move then
     becomes the tenant's new home."""
     request = prompt(3, 3072, suffix=2)
-    core = _tenant_evicted_at_home(home_queued=9000)
+    core = _tenant_evicted_at_home(home_queued=9000, prefix_home=True)
     d = _route(core, request)
     assert d.best == "other", d.costs
     core.on_routed("other", "moved", hashes(request), len(request), d)
@@ -581,14 +582,19 @@ def test_a_home_is_not_a_pin():
 
 
 def test_home_tokens_reach_the_decision_log_and_replay():
-    request = prompt(3, 3072, suffix=2)
-    d = _route(_tenant_evicted_at_home(), request)
-    terms, cands = _logged_and_replayed(d, len(request))
-    assert terms["home"].home_tokens == 3072
-    assert cands["home"].home_tokens == 3072
-    from kvmesh.router.routing.decision_log import DecisionRecord
+    """Logged per candidate; a replay prices them only where its settings turn homes on."""
+    from kvmesh.router.routing.decision_log import DecisionRecord, candidate_terms
     from kvmesh.router.routing.replay import candidates_of
 
+    request = prompt(3, 3072, suffix=2)
+    cfg = RouterConfig(block_size=BS, seed=0, prefix_home=True)
+    d = _route(_tenant_evicted_at_home(prefix_home=True), request)
+    terms = {t.replica: t for t in candidate_terms(d, len(request), cfg)}
+    assert terms["home"].home_tokens == 3072
+    assert abs(terms["other"].cost - d.costs["other"]) < 1e-6
     rec = DecisionRecord(0.0, "r", None, len(request), None, list(terms.values()), d.best, "x")
-    off = candidates_of(rec, RouterConfig(block_size=BS, prefix_home=False))
+    rec = DecisionRecord.from_json(rec.as_json())
+    on = {c.replica: c for c in candidates_of(rec, cfg)}
+    assert on["home"].home_tokens == 3072
+    off = candidates_of(rec, RouterConfig(block_size=BS))
     assert all(c.home_tokens == 0 for c in off)
