@@ -6,8 +6,8 @@ a single device-to-host transfer, however many rows and whatever their parameter
 
 Greedy rows take the argmax of their (penalised, masked) logits: the same tokens, bit for bit,
 as applying the same transforms to the row alone. Random rows invert their CDF at one uniform
-drawn per row from the request's own ``torch.Generator``: rows with temperature alone straight
-from the logits, rows with top-k, top-p or min-p after one batched pass of masks, each by
+drawn per row from the request's own ``torch.Generator``: rows with temperature and top-p alone
+straight from the logits, rows with top-k or min-p after one batched pass of masks, each by
 ``kernels.torch_ops.sample_rows`` (one C++ pass per row on a CPU). Each random row draws
 exactly one number per step from its generator and every op works along one row (no reduction
 is split across rows or threads differently for different batch shapes), so a seeded request
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from kvmesh.kernels.torch_ops import argmax_rows, sample_rows
+from kvmesh.kernels.torch_ops import argmax_rows, sample_rows, top_p_drop
 from kvmesh.replicas.request import TokenSequence
 from kvmesh.replicas.sampling_params import SamplingParams
 
@@ -232,7 +232,7 @@ def _filter(x: torch.Tensor, reqs: list[SamplingRow], row_max: torch.Tensor) -> 
         top_p = torch.tensor(
             [params[i].top_p for i in top_p_rows], dtype=torch.float32, device=device
         )
-        x.index_copy_(0, index, sub.masked_fill(_top_p_drop(sub, row_ks, top_p), neg_inf))
+        x.index_copy_(0, index, sub.masked_fill(top_p_drop(sub, row_ks, top_p), neg_inf))
 
     min_p_rows = [i for i, p in enumerate(params) if p.min_p > 0.0]
     if min_p_rows:
@@ -247,74 +247,10 @@ def _filter(x: torch.Tensor, reqs: list[SamplingRow], row_max: torch.Tensor) -> 
     return x
 
 
-TOP_P_WINDOWS = (256, 4096)
-"""How many of a row's largest values top-p looks at first. A full sort of 32 rows of 49k took
-57 ms on a Zen 4 CPU, ``topk`` of 256 2.7 ms; a row whose nucleus fits in the window needs
-nothing outside it, the others try the next window, then the full sort."""
-
-
-def _top_p_drop(sub: torch.Tensor, ks: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Which tokens of each row top-p (after top-k: ``ks``, ``vocab`` for none) drops: a token
-    goes once the mass before it, sorted by value, already reaches ``top_p`` (the first always
-    stays). Probabilities are renormalised over the top-k survivors, as a softmax of the masked
-    row would be.
-
-    Only the largest values are sorted: rows with a top-k look at their ``k`` largest (all the
-    survivors); the others at a window of ``TOP_P_WINDOWS`` values, since every token past it
-    has at least the window's mass before it and goes once that mass reaches ``top_p``. Rows
-    whose window holds less try the next window, then the full sort.
-    """
-    vocab = sub.shape[1]
-    drop = torch.ones_like(sub, dtype=torch.bool)
-    with_k = (ks < vocab).nonzero().squeeze(1)
-    if with_k.numel():
-        window = int(ks.index_select(0, with_k).max())
-        _top_p_window(sub, ks, top_p, with_k, window, drop, whole=True)
-    pending = (ks >= vocab).nonzero().squeeze(1)
-    for window in (*(w for w in TOP_P_WINDOWS if w < vocab), vocab):
-        if not pending.numel():
-            break
-        pending = _top_p_window(sub, ks, top_p, pending, window, drop, whole=window == vocab)
-    return drop
-
-
-def _top_p_window(
-    sub: torch.Tensor,
-    ks: torch.Tensor,
-    top_p: torch.Tensor,
-    rows: torch.Tensor,
-    window: int,
-    drop: torch.Tensor,
-    whole: bool,
-) -> torch.Tensor:
-    """Top-p over the ``window`` largest values of ``sub[rows]``, normalised over the top-k
-    survivors (all inside the window when ``whole``, else over the whole row: no top-k). Writes
-    the rows it settles into ``drop``; returns the rows whose window held too little mass."""
-    neg_inf = float("-inf")
-    x = sub.index_select(0, rows)
-    if window < x.shape[1]:
-        values, order = torch.topk(x, window, dim=-1)
-    else:
-        values, order = torch.sort(x, dim=-1, descending=True)
-    row_p = top_p.index_select(0, rows)[:, None]
-    kth = values.gather(1, ks.index_select(0, rows).clamp(max=window)[:, None] - 1)
-    values = values.masked_fill(values < kth, neg_inf)
-    total = torch.logsumexp(values if whole else x, dim=-1, keepdim=True)
-    probs = torch.exp(values - total)
-    mass = probs.cumsum(dim=-1)
-    dropped = (mass - probs) >= row_p
-    dropped[:, 0] = False
-    dropped |= values == neg_inf  # top-k's mask
-    done = torch.ones_like(rows, dtype=torch.bool) if whole else mass[:, -1] >= row_p[:, 0]
-    if bool(done.any()):
-        settled = torch.ones_like(x[done], dtype=torch.bool).scatter_(1, order[done], dropped[done])
-        drop.index_copy_(0, rows[done], settled)
-    return rows[~done]
-
-
 def _has_filters(p: SamplingParams, vocab: int) -> bool:
-    """Whether a random row needs ``_filter``'s masks (top-k, top-p or min-p)."""
-    return 0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0
+    """Whether a random row needs ``_filter``'s masks (top-k or min-p; top-p alone is part of
+    the draw)."""
+    return 0 < p.top_k < vocab or p.min_p > 0.0
 
 
 def _draw(
@@ -323,8 +259,9 @@ def _draw(
     """One token for each of ``rows`` of ``x`` (the batch's logits, penalised and masked), by
     inverting the row's CDF at a uniform drawn from the request's own generator: one number
     per row and step (a tiny op, no host sync), then ``sample_rows`` (one C++ pass per row on
-    a CPU). Rows with temperature alone are drawn straight from ``x``; rows with top-k, top-p
-    or min-p from ``_filter``'s output (already shifted and divided by the temperature)."""
+    a CPU). Rows with temperature and top-p alone are drawn straight from ``x``; rows with
+    top-k or min-p from ``_filter``'s output (already shifted, divided by the temperature and
+    masked, top-p included)."""
     device = x.device
     vocab = x.shape[-1]
     uniform = {
@@ -343,7 +280,10 @@ def _draw(
         peak = row_max.index_select(0, index)
         peak = torch.where(peak > float("-inf"), peak, torch.zeros_like(peak))
         us = torch.cat([uniform[i] for i in plain])
-        drawn.append((plain, sample_rows(x, index, temps, peak, us)))
+        top_p = torch.tensor(
+            [reqs[i].params.top_p for i in plain], dtype=torch.float32, device=device
+        )
+        drawn.append((plain, sample_rows(x, index, temps, peak, us, top_p)))
     if masked:
         index = torch.tensor(masked, device=device)
         sub = [reqs[i] for i in masked]
@@ -353,7 +293,7 @@ def _draw(
         zeros = torch.zeros(n, dtype=torch.float32, device=device)  # each row's max, shifted
         us = torch.cat([uniform[i] for i in masked])
         arange = torch.arange(n, device=device)
-        drawn.append((masked, sample_rows(filtered, arange, ones, zeros, us)))
+        drawn.append((masked, sample_rows(filtered, arange, ones, zeros, us, ones)))
     if len(drawn) == 1:
         return drawn[0][1]
     position = {row: k for k, row in enumerate(rows)}

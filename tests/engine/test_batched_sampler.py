@@ -284,9 +284,10 @@ def test_cpu_draw_kernel_inverts_the_same_cdf_as_its_twin(monkeypatch):
     row_max = x.amax(dim=-1)[rows]
     uniforms = torch.rand(len(rows), generator=gen, dtype=torch.float64)
     uniforms[-2], uniforms[-1] = 0.0, 1.0 - 2.0**-53
-    got = ops.sample_rows(x, rows, temps, row_max, uniforms)
+    no_top_p = torch.ones(len(rows))
+    got = ops.sample_rows(x, rows, temps, row_max, uniforms, no_top_p)
     monkeypatch.setattr(torch_ops, "USE_CPU_NATIVE", False)
-    twin = torch_ops.sample_rows(x, rows, temps, row_max, uniforms)
+    twin = torch_ops.sample_rows(x, rows, temps, row_max, uniforms, no_top_p)
     assert (got == twin).float().mean() >= 0.9, (got, twin)
     for i, token in enumerate(got.tolist()):
         assert x[rows[i], token] > float("-inf"), (i, token)
@@ -298,12 +299,12 @@ def test_cpu_draw_kernel_inverts_the_same_cdf_as_its_twin(monkeypatch):
     dead = torch.full((1, 300), float("-inf"))
     one = torch.ones(1)
     first = torch.zeros(1, dtype=torch.long)
-    token = ops.sample_rows(dead, first, one, torch.zeros(1), uniforms[:1])
+    token = ops.sample_rows(dead, first, one, torch.zeros(1), uniforms[:1], one)
     assert 0 <= token.item() < 300
     with pytest.raises(RuntimeError, match="outside"):
-        ops.sample_rows(x, torch.tensor([24]), one, row_max[:1], uniforms[:1])
+        ops.sample_rows(x, torch.tensor([24]), one, row_max[:1], uniforms[:1], one)
     with pytest.raises(RuntimeError, match="uniforms"):
-        ops.sample_rows(x, rows[:1], one, row_max[:1], uniforms[:1].float())
+        ops.sample_rows(x, rows[:1], one, row_max[:1], uniforms[:1].float(), one)
 
 
 def _top_p_drop_by_full_sort(sub, ks, top_p):
@@ -323,7 +324,7 @@ def _top_p_drop_by_full_sort(sub, ks, top_p):
 def test_top_p_from_a_window_drops_what_a_full_sort_drops():
     """Peaked rows (the nucleus inside the first window), flat ones (past it: the next window
     or the full sort), with top-k inside, between and past the windows, and masked entries."""
-    from kvmesh.replicas.sampler import TOP_P_WINDOWS, _top_p_drop
+    from kvmesh.kernels.torch_ops import TOP_P_WINDOWS, top_p_drop
 
     gen = torch.Generator().manual_seed(11)
     vocab = 49152 + 5
@@ -332,7 +333,7 @@ def test_top_p_from_a_window_drops_what_a_full_sort_drops():
     sub[4, ::3] = float("-inf")
     ks = torch.tensor([vocab] * 6 + [50, 300, 5000, 100, vocab, 3000] + [vocab] * 6)
     top_p = torch.tensor([0.9, 0.5, 0.95, 0.99, 0.7, 0.9] * 2 + [0.2, 0.6, 0.8, 0.9, 0.97, 1e-6])
-    got = _top_p_drop(sub, ks, top_p)
+    got = top_p_drop(sub, ks, top_p)
     want = _top_p_drop_by_full_sort(sub, ks, top_p)
     # Float rounding may move the cut by one token where its mass-before equals top_p to ~1e-6.
     for r, t in (got != want).nonzero().tolist():
@@ -346,3 +347,60 @@ def test_top_p_from_a_window_drops_what_a_full_sort_drops():
     assert not got[torch.arange(len(scales)), sub.argmax(-1)].any()
     kept = (~want).sum(-1)
     assert kept[5] > TOP_P_WINDOWS[0] and kept[0] < TOP_P_WINDOWS[0]
+
+
+def test_cpu_draw_kernel_applies_top_p_as_its_twin(monkeypatch):
+    """Top-p inside the C++ draw (a bisection on the weights' exponent, then a sort of one
+    band) and the torch twin (windows of the largest values): every drawn token is one the
+    full-sort reference keeps (but at a cut within float rounding of top_p), and at the same
+    uniforms the two draw the same token nearly always; peaked and flat rows, masked entries,
+    tiny and large top_p."""
+    from kvmesh.kernels import cpu_native, torch_ops
+
+    ops = cpu_native.native_ops()
+    if ops is None:
+        pytest.skip(f"the C++ CPU kernels cannot be built here: {cpu_native.STATUS}")
+    gen = torch.Generator().manual_seed(9)
+    vocab = 49152 + 11
+    scales = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.3, 0.05, 3.0, 3.0])
+    x = torch.randn(len(scales), vocab, generator=gen) * scales[:, None]
+    x[3, ::5] = float("-inf")
+    top_ps = [0.9, 0.5, 0.95, 0.8, 0.7, 0.9, 1e-6, 0.999]
+    draws = 40
+    rows = torch.arange(len(scales)).repeat_interleave(draws)
+    temps = torch.full((len(rows),), 0.9)
+    row_max = x.amax(dim=-1)[rows]
+    uniforms = torch.rand(len(rows), generator=gen, dtype=torch.float64)
+    top_p = torch.tensor(top_ps).repeat_interleave(draws)
+    got = ops.sample_rows(x, rows, temps, row_max, uniforms, top_p)
+    monkeypatch.setattr(torch_ops, "USE_CPU_NATIVE", False)
+    twin = torch_ops.sample_rows(x, rows, temps, row_max, uniforms, top_p)
+    assert (got == twin).float().mean() >= 0.95
+    for r in range(len(scales)):
+        scaled = (x[r] / 0.9)[None]
+        keep = ~_top_p_drop_by_full_sort(scaled, [vocab], [top_ps[r]])[0]
+        probs = torch.softmax(scaled[0].double(), -1)
+        for token in got[rows == r].tolist():
+            if not keep[token]:  # only at the cut: the mass before it is top_p, to rounding
+                before = probs[scaled[0] > scaled[0, token]].sum().item()
+                assert abs(before - top_ps[r]) < 1e-4, (r, token)
+    assert (got[rows == 6] == x[6].argmax()).all()  # top_p ~0: the most likely token only
+
+
+def test_top_p_mask_of_a_row_does_not_depend_on_its_companions():
+    """A row's top-p mask, alone or among rows with other top-k, top-p and flatness (which
+    take other windows): the same mask, bit for bit."""
+    from kvmesh.kernels.torch_ops import top_p_drop
+
+    gen = torch.Generator().manual_seed(2)
+    vocab = 49152
+    scales = torch.tensor([6.0, 3.0, 0.5, 0.05, 3.0, 1.0])
+    sub = torch.randn(len(scales), vocab, generator=gen) * scales[:, None]
+    ks = torch.tensor([vocab, 100, vocab, vocab, 3000, 277])
+    top_p = torch.tensor([0.9, 0.8, 0.95, 0.5, 0.9, 1e-6])
+    together = top_p_drop(sub, ks, top_p)
+    for r in range(len(scales)):
+        alone = top_p_drop(sub[r : r + 1], ks[r : r + 1], top_p[r : r + 1])
+        assert torch.equal(alone[0], together[r]), r
+        pair = top_p_drop(sub[[r, 0]], ks[[r, 0]], top_p[[r, 0]])
+        assert torch.equal(pair[0], together[r]), r
