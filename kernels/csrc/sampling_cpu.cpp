@@ -149,20 +149,18 @@ torch::Tensor sample_rows(const torch::Tensor& x, const torch::Tensor& rows,
                   x.stride(1) == 1 && x.size(1) >= 1,
               "sample_rows: x must be a float32 CPU [B, V] with dense rows");
   const int64_t N = rows.numel();
-  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous(),
-              "sample_rows: rows must be contiguous int64");
-  TORCH_CHECK(temperature.scalar_type() == torch::kFloat32 && temperature.is_contiguous() &&
-                  temperature.numel() == N,
-              "sample_rows: temperature must be contiguous float32 [N]");
-  TORCH_CHECK(row_max.scalar_type() == torch::kFloat32 && row_max.is_contiguous() &&
-                  row_max.numel() == N,
-              "sample_rows: row_max must be contiguous float32 [N]");
-  TORCH_CHECK(uniforms.scalar_type() == torch::kFloat64 && uniforms.is_contiguous() &&
-                  uniforms.numel() == N,
-              "sample_rows: uniforms must be contiguous float64 [N]");
-  TORCH_CHECK(top_p.scalar_type() == torch::kFloat32 && top_p.is_contiguous() &&
-                  top_p.numel() == N,
-              "sample_rows: top_p must be contiguous float32 [N]");
+  const auto check_per_row = [N](const torch::Tensor& t, torch::ScalarType dtype,
+                                 const char* what) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() &&
+                    t.numel() == N,
+                "sample_rows: ", what, " must be a contiguous ", c10::toString(dtype),
+                " CPU tensor with one value per row [", N, "]");
+  };
+  check_per_row(rows, torch::kInt64, "rows");
+  check_per_row(temperature, torch::kFloat32, "temperature");
+  check_per_row(row_max, torch::kFloat32, "row_max");
+  check_per_row(uniforms, torch::kFloat64, "uniforms");
+  check_per_row(top_p, torch::kFloat32, "top_p");
   const int64_t B = x.size(0), V = x.size(1), xs = x.stride(0);
   const int64_t* rp = rows.data_ptr<int64_t>();
   for (int64_t i = 0; i < N; ++i)
