@@ -268,8 +268,10 @@ def _draw(
         i: torch.rand(1, generator=reqs[i].generator, device=device, dtype=torch.float64)
         for i in rows
     }
-    plain = [i for i in rows if not _has_filters(reqs[i].params, vocab)]
-    masked = [i for i in rows if _has_filters(reqs[i].params, vocab)]
+    plain: list[int] = []
+    masked: list[int] = []
+    for i in rows:
+        (masked if _has_filters(reqs[i].params, vocab) else plain).append(i)
     drawn: list[tuple[list[int], torch.Tensor]] = []
     if plain:
         index = torch.tensor(plain, device=device)

@@ -249,10 +249,7 @@ class PrefixRouterCore:
             if session_id and self.config.session_affinity:
                 self._remember_session(session_id, replica, now)
             if self.config.prefix_home:
-                keys = decision.keys if decision is not None else ()
-                if len(keys) != len(block_hashes):
-                    keys = [block_key(h) for h in block_hashes]
-                self.homes.record(replica, keys)
+                self.homes.record(replica, _keys_of(decision, block_hashes))
             if self._metrics is not None:
                 reason = decision.reason.value if decision is not None else Reason.NO_PREFIX.value
                 self._metrics.decision(reason)
@@ -294,10 +291,7 @@ class PrefixRouterCore:
         """Speculative cache entries and load for a request on ``replica``; its hit tokens."""
         now = self._clock()
         hit = decision.hit_tokens.get(replica, 0) if decision is not None else 0
-        if decision is not None and len(decision.keys) == len(block_hashes):
-            keys = decision.keys
-        else:
-            keys = [block_key(h) for h in block_hashes]
+        keys = _keys_of(decision, block_hashes)
         self.index.speculate(replica, keys, now, self.config.speculative_ttl_s)
         self.loads.on_routed(replica, request_id, seq, num_prompt_tokens - hit, now)
         self._unpin(request_id, released=False)  # a retry, or Serve chose another replica
@@ -348,3 +342,11 @@ class PrefixRouterCore:
         self._sessions.move_to_end(session_id)
         while len(self._sessions) > self.config.max_sessions:
             self._sessions.popitem(last=False)
+
+
+def _keys_of(decision: Decision | None, block_hashes: Sequence[bytes]) -> Sequence[bytes]:
+    """The prompt's block keys: the ones ``route`` computed, unless the caller routed it
+    without a decision for these hashes."""
+    if decision is not None and len(decision.keys) == len(block_hashes):
+        return decision.keys
+    return [block_key(h) for h in block_hashes]
